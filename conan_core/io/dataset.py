@@ -1,0 +1,158 @@
+"""A dataset on disk: `manifest.json` + `data/part-NNNNN.parquet` + `quarantine/part-NNNNN.parquet`.
+
+The manifest lists every shard with its row count and sha256, the config that produced it, the
+input files' checksums and the kept/dropped counts. Writes are atomic: the old manifest is removed
+first, each shard is written to a temp file and renamed, and the new manifest is renamed into place
+last. So an interrupted run leaves either no manifest (the dir is not a dataset) or a manifest whose
+shards are all complete. Writing the same table with the same config gives byte-identical files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from conan_core.errors import ConanError, DatasetIntegrityError
+from conan_core.schema import SCHEMA_VERSION
+
+MANIFEST_NAME = "manifest.json"
+DATA_DIR = "data"
+QUARANTINE_DIR = "quarantine"
+_HASH_CHUNK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def describe_inputs(inputs: list[Path]) -> list[dict[str, Any]]:
+    """Path, size and sha256 of each input file (directories: each file inside, sorted)."""
+    described = []
+    for path in inputs:
+        path = Path(path)
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for file in files:
+            if file.exists():
+                described.append({"path": str(file), "bytes": file.stat().st_size,
+                                  "sha256": sha256_file(file)})
+    return described
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _write_shard(table: pa.Table, path: Path) -> dict[str, Any]:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    # No statistics timestamps or writer ids vary between runs, so equal tables give equal bytes.
+    pq.write_table(table, tmp, compression="zstd", row_group_size=min(max(table.num_rows, 1), 50_000))
+    os.replace(tmp, path)
+    return {"path": path.relative_to(path.parent.parent).as_posix(), "rows": table.num_rows,
+            "sha256": sha256_file(path)}
+
+
+def _write_shards(table: pa.Table, folder: Path, shard_rows: int) -> list[dict[str, Any]]:
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("*.parquet"):  # leftovers of an earlier run with more shards
+        stale.unlink()
+    for stale in folder.glob(".*.tmp-*"):
+        stale.unlink()
+    starts = range(0, max(table.num_rows, 1), shard_rows)  # an empty table still gets one shard (its schema)
+    return [_write_shard(table.slice(start, shard_rows), folder / f"part-{index:05d}.parquet")
+            for index, start in enumerate(starts)]
+
+
+def write_dataset(out_dir: Path, records: pa.Table, quarantine: pa.Table | None, *, config: dict,
+                  inputs: list[Path], counts: dict, shard_rows: int = 200_000) -> dict:
+    """Write `records` (and `quarantine`) as a sharded, checksummed dataset; return the manifest."""
+    if shard_rows < 1:
+        raise ConanError(f"shard_rows must be >= 1, got {shard_rows}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest_path = out_dir / MANIFEST_NAME
+    manifest_path.unlink(missing_ok=True)  # from here until the end the dir is not a valid dataset
+    shards = _write_shards(records, out_dir / DATA_DIR, shard_rows)
+    quarantine_shards = (_write_shards(quarantine, out_dir / QUARANTINE_DIR, shard_rows)
+                         if quarantine is not None else [])
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "columns": records.schema.names,
+        "rows": records.num_rows,
+        "quarantined_rows": quarantine.num_rows if quarantine is not None else 0,
+        "shards": shards,
+        "quarantine_shards": quarantine_shards,
+        "config": config,
+        "inputs": describe_inputs(inputs),
+        "counts": counts,
+    }
+    text = json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False, default=str) + "\n"
+    _atomic_write_bytes(manifest_path, text.encode("utf-8"))
+    return json.loads(text)
+
+
+def read_manifest(path: Path) -> dict:
+    """The manifest of the dataset at `path` (a dataset dir); DatasetIntegrityError if absent or broken."""
+    manifest_path = Path(path) / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise DatasetIntegrityError(f"{path}: no {MANIFEST_NAME} (not a dataset, or its write was "
+                                    "interrupted)")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DatasetIntegrityError(f"{manifest_path}: unreadable manifest ({err})") from None
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise DatasetIntegrityError(f"{manifest_path}: schema_version {manifest.get('schema_version')!r}, "
+                                    f"this code reads {SCHEMA_VERSION}")
+    return manifest
+
+
+def _read_shards(root: Path, shards: list[dict], verify: bool) -> pa.Table:
+    tables = []
+    for shard in shards:
+        path = root / shard["path"]
+        if not path.is_file():
+            raise DatasetIntegrityError(f"{path}: shard listed in the manifest is missing")
+        if verify and sha256_file(path) != shard["sha256"]:
+            raise DatasetIntegrityError(f"{path}: sha256 does not match the manifest (changed or corrupt)")
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowInvalid, OSError) as err:
+            raise DatasetIntegrityError(f"{path}: unreadable shard ({err})") from None
+        if table.num_rows != shard["rows"]:
+            raise DatasetIntegrityError(f"{path}: {table.num_rows} rows, manifest says {shard['rows']}")
+        tables.append(table)
+    return pa.concat_tables(tables) if tables else pa.table({})
+
+
+def read_dataset(path: Path, *, verify: bool = True) -> pa.Table:
+    """All data shards of the dataset at `path` as one table, checksums verified unless verify=False."""
+    path = Path(path)
+    return _read_shards(path, read_manifest(path)["shards"], verify)
+
+
+def read_quarantine(path: Path, *, verify: bool = True) -> pa.Table:
+    """The quarantined rows (QUARANTINE_SCHEMA) of the dataset at `path`."""
+    path = Path(path)
+    return _read_shards(path, read_manifest(path)["quarantine_shards"], verify)
+
+
+def dataset_fingerprint(path: Path) -> str:
+    """sha256 of manifest.json: changes whenever any shard, config or input changes."""
+    manifest_path = Path(path) / MANIFEST_NAME
+    read_manifest(path)
+    return sha256_file(manifest_path)
