@@ -1,0 +1,3 @@
+from conan_cli.main import app
+
+app()
