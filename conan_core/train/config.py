@@ -1,0 +1,89 @@
+"""Training configs: weakly-supervised pretraining and CBB finetuning (paper §2.1, §2.3, §3.1).
+
+Defaults are the paper's (AdamW, lr 1e-5, warmup 5 %, weight decay 0.001, retrieval batch 4, STS batch 32,
+beta 0.8); the temperature (0.05) and the number of negatives the paper leaves open are our choices.
+Every field has a default and unknown keys are rejected, so a typo in a YAML file fails loudly.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TrainCommon(_Strict):
+    """Options shared by both stages."""
+
+    steps: int | None = Field(default=None, gt=0, description="total optimizer steps (wins over epochs)")
+    epochs: float = Field(default=1.0, gt=0, description="passes over the data when steps is not set")
+    max_length: int = Field(default=128, gt=0, description="tokens per text (truncation)")
+    temperature: float = Field(default=0.05, gt=0)
+    lr: float = Field(default=1e-5, gt=0)
+    weight_decay: float = Field(default=0.001, ge=0)
+    warmup_ratio: float = Field(default=0.05, ge=0, lt=1)
+    schedule: Literal["linear", "constant", "cosine"] = "linear"
+    grad_clip: float | None = Field(default=1.0, gt=0, description="max grad norm; null turns clipping off")
+    matryoshka_dims: list[int] | None = Field(default=None, description="losses over these prefix dims")
+    bf16: bool = Field(default=True, description="bf16 autocast, only when training on GPU")
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = Field(default=50, gt=0, description="steps between Ray Train checkpoints")
+    keep_checkpoints: int = Field(default=2, gt=0)
+    log_every: int = Field(default=1, gt=0)
+    max_failures: int = Field(default=1, ge=0, description="worker-group restarts Ray Train may do")
+    seed: int = 0
+    bucket_batches: int = Field(default=32, gt=0,
+                                description="batches per length-sorting chunk (bigger: less padding)")
+
+
+class PretrainConfig(TrainCommon):
+    """Stage 1: in-batch InfoNCE over the global batch (paper Eq. 1), pairs mixed from several sources."""
+
+    batch_size: int = Field(default=8, gt=0, description="pairs per worker per step (global = x workers)")
+    source_weights: dict[str, float] = Field(
+        default_factory=dict,
+        description="sampling weight per `source` value; unlisted sources keep their natural share")
+    one_source_per_step: bool = Field(
+        default=False, description="every global batch from one source (avoids easy cross-source negatives)")
+
+    @model_validator(mode="after")
+    def _positive_weights(self) -> PretrainConfig:
+        bad = {k: v for k, v in self.source_weights.items() if v < 0}
+        if bad:
+            raise ValueError(f"source weights must be >= 0, got {bad}")
+        return self
+
+
+class LayoutConfig(_Strict):
+    """Which logical ranks a CBB step has: a retrieval group sharing queries and positives (each rank with
+    its own slice of hard negatives) and STS ranks with a bigger batch (paper Fig. 3)."""
+
+    retrieval_group: int = Field(default=2, gt=0, description="ranks sharing queries+positives (N in Eq. 3)")
+    sts_workers: int = Field(default=1, ge=0, description="ranks computing CoSENT")
+
+    @property
+    def logical_ranks(self) -> int:
+        return self.retrieval_group + self.sts_workers
+
+
+class FinetuneConfig(TrainCommon):
+    """Stage 2: CBB loss (Eq. 3): InfoNCE with the negatives of the whole retrieval group + beta * CoSENT,
+    every task in every step; or `vanilla`: one randomly chosen task per step (the paper's baseline)."""
+
+    mode: Literal["cbb", "vanilla"] = "cbb"
+    layout: LayoutConfig = Field(default_factory=LayoutConfig)
+    retrieval_batch: int = Field(default=4, gt=0, description="queries per step, shared by the group")
+    sts_batch: int = Field(default=32, gt=1, description="pairs per STS rank per step")
+    negatives_per_rank: int = Field(default=4, gt=0, description="hard negatives per query per group rank")
+    beta: float = Field(default=0.8, ge=0, description="weight of CoSENT in the CBB loss")
+    cosent_scale: float = Field(default=20.0, gt=0)
+    in_batch_negatives: bool = Field(
+        default=False, description="also score other queries' positives (Eq. 3 literally does not)")
+    task_weights: dict[str, float] = Field(
+        default_factory=lambda: {"retrieval": 0.5, "sts": 0.5},
+        description="vanilla mode: probability of each task per step")
+    dhnm: bool = Field(default=True, description="dynamic hard negatives when a candidates dir is given")
