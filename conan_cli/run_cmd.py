@@ -1,0 +1,53 @@
+"""`conan run --config FILE [--set a.b=c ...]`: the whole pipeline as a Prefect flow run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from conan_cli.errors import one_line_errors
+from conan_cli.main import app
+from conan_core.errors import ConanError
+
+
+class PipelineFailed(ConanError):
+    """The flow run ended in a state other than Completed."""
+
+
+@app.command("run")
+@one_line_errors
+def run(
+    config: Annotated[Path, typer.Option(help="Pipeline YAML config.")] = Path("configs/demo.yaml"),
+    overrides: Annotated[list[str] | None, typer.Option(
+        "--set", help="Override a config value: a.b=c (repeatable).")] = None,
+    out_dir: Annotated[Path | None, typer.Option(help="Stage outputs; default <work dir>/runs/<config name>.")] = None,
+    result_storage: Annotated[str | None, typer.Option(
+        help="Prefect storage block slug for task results (e.g. s3-bucket/conan); default: the work dir.")] = None,
+    ray_address: Annotated[str | None, typer.Option(help="Ray cluster; default RAY_ADDRESS, else local.")] = None,
+) -> None:
+    """Run clean -> extract -> mine -> pretrain -> finetune -> eval as the `conan-pipeline` Prefect flow.
+
+    Uses the Prefect API at PREFECT_API_URL when it answers, else starts a local server for the run
+    (and stops it afterwards). Rerunning after a failure serves finished stages from cache.
+    """
+    from flows.server import prefect_api
+
+    with prefect_api(echo=typer.echo) as server:
+        typer.echo(f"Prefect API: {server.api_url} (UI: {server.api_url.removesuffix('/api')})")
+        # Import after the API is chosen: Prefect reads its settings when first imported.
+        from flows.pipeline import run_pipeline
+
+        state = run_pipeline(server.api_url, str(config), overrides=overrides or [],
+                             out_dir=str(out_dir) if out_dir else None, result_storage=result_storage,
+                             ray_address=ray_address)
+        if not state.is_completed():
+            raise PipelineFailed(f"pipeline run ended {state.name}: {state.message}; fix the cause and run the "
+                                 f"same command again (finished stages come back from cache)")
+        summary = state.result()
+    typer.echo(f"model:              {summary['model']}")
+    typer.echo(f"training metrics:   {summary['metrics']}")
+    typer.echo(f"evaluation results: {summary['eval_results']}")
+    typer.echo(f"evaluation report:  {summary['eval_report']}")
+    typer.echo(f"evaluation average: {summary['eval_average']}")

@@ -1,0 +1,72 @@
+"""From a validated PipelineConfig to each stage task's parameters (JSON-able: they are shown in the UI and
+hashed into the cache key). The only place that knows both the config's layout and the tasks' signatures."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from conan_core.io.catalog import resolve_inputs
+from tasks.common import fingerprint_path, fingerprint_paths
+from tasks.evaluate import task_dirs_fingerprint
+
+
+@dataclass
+class StagePlan:
+    """Keyword arguments per stage, minus the upstream results the flow adds."""
+
+    clean_pretrain: dict[str, Any]
+    clean_finetune: dict[str, Any]
+    extract: dict[str, Any]
+    init_model: dict[str, Any]
+    mine: dict[str, Any]
+    pretrain: dict[str, Any]
+    finetune: dict[str, Any]
+    evaluate: dict[str, Any]
+
+
+def input_files(inputs: list[str]) -> list[Path]:
+    """The raw files behind a stage's inputs (`group:<name>` expands through the data catalog)."""
+    return sorted({path for path, _spec in resolve_inputs(list(inputs))})
+
+
+def _data_stage(name: str, inputs: list[str], output: Path, config: Any, workers: int) -> dict[str, Any]:
+    return {"name": name, "inputs": list(inputs), "inputs_fingerprint": fingerprint_paths(input_files(inputs)),
+            "output": str(output), "config": config.model_dump(mode="json"), "workers": workers}
+
+
+def _base_fingerprint(base: str) -> str:
+    """The base model's content hash; a named base resolves to its shipped dir."""
+    from conan_core.model import resolve_base
+
+    return fingerprint_path(resolve_base(base))
+
+
+def plan_stages(config: Any, root: Path, *, ray_address: str | None) -> StagePlan:
+    """Parameters of every stage for `config`, with outputs under `root`."""
+    data, model = config.data, config.model
+    clean_pretrain = _data_stage("pretrain", data.pretrain, root / "data" / "pretrain", config.clean,
+                                 data.workers)
+    clean_finetune = _data_stage("finetune", data.finetune, root / "data" / "finetune", config.clean,
+                                 data.workers)
+    extract = _data_stage("instruct", data.instruct, root / "data" / "llm_pairs", config.extract, data.workers)
+    vocab_files = [str(p) for p in input_files(model.extend_vocab_from)] if model.extend_vocab_from else []
+    init_options = {"pooling": model.pooling, "expand_dim": model.expand_dim,
+                    "matryoshka_dims": model.matryoshka_dims, "max_seq_length": model.max_seq_length,
+                    "vocab_min_freq": model.vocab_min_freq, "vocab_max_new": model.vocab_max_new}
+    init = {"base": str(model.base), "base_fingerprint": _base_fingerprint(str(model.base)),
+            "output": str(root / "models" / "init"), "options": init_options, "vocab_texts": vocab_files,
+            "vocab_fingerprint": fingerprint_paths(vocab_files)}
+    mining = config.mining.model_dump(mode="json")
+    workers = config.workers
+    return StagePlan(
+        clean_pretrain=clean_pretrain, clean_finetune=clean_finetune, extract=extract, init_model=init,
+        mine={"output": str(root / "candidates"), "config": mining, "workers": config.mining.workers},
+        pretrain={"output": str(root / "pretrain"), "config": config.pretrain.model_dump(mode="json"),
+                  "workers": workers, "ray_address": ray_address},
+        finetune={"output": str(root / "finetune"), "config": config.finetune.model_dump(mode="json"),
+                  "mining": mining, "workers": workers, "ray_address": ray_address},
+        evaluate={"output_dir": str(root / "eval"), "config": config.eval.model_dump(mode="json"),
+                  "task_dirs_hash": task_dirs_fingerprint([str(d) for d in config.eval.task_dirs])},
+    )

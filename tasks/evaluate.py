@@ -1,0 +1,50 @@
+"""Prefect task: `conan_core.eval.run.run_eval` (mteb evaluators on local C-MTEB-style tasks)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+
+from tasks.common import (
+    call_logged,
+    fingerprint_paths,
+    publish_link,
+    publish_markdown,
+    publish_table,
+    stage_output,
+    stage_task_options,
+)
+
+
+def task_dirs_fingerprint(task_dirs: list[str]) -> str:
+    """Content hash of the drop-in task folders (missing folders hash to their name: eval will say so)."""
+    present = [d for d in task_dirs if Path(d).exists()]
+    return fingerprint_paths(present) + ":" + ",".join(sorted(set(task_dirs) - set(present)))
+
+
+@task(**stage_task_options("evaluate", retries=0))
+def evaluate_task(model: dict[str, Any], output_dir: str, config: dict[str, Any],
+                  task_dirs_hash: str) -> dict[str, Any]:
+    """Evaluate `model` (upstream result) on the configured tasks; writes results.json and report.md.
+    `task_dirs_hash` (content hash of the drop-in task folders) keys the cache on their data."""
+    from conan_core.eval.config import EvalConfig
+    from conan_core.eval.run import format_table, run_eval
+
+    eval_config = EvalConfig.model_validate(config)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results, _ = call_logged("evaluate", run_eval, Path(model["path"]), tasks=eval_config.tasks,
+                             task_dirs=[Path(d) for d in eval_config.task_dirs], output=out / "results.json",
+                             config=eval_config)
+    table = format_table(results)
+    (out / "report.md").write_text(table + "\n", encoding="utf-8")
+    publish_table("evaluate-results", [{key: task_result.get(key) for key in ("name", "type", "split", "main_score")}
+                                       for task_result in results.get("tasks", [])],
+                  f"evaluation: main score per task; average {results.get('average')}")
+    publish_markdown("evaluate-report", table, "evaluation report (markdown table)")
+    publish_link("evaluate-results-json", out / "results.json", "evaluation results JSON")
+    get_run_logger().info("evaluation average: %s\n%s", results.get("average"), table)
+    return stage_output(out, results=str((out / "results.json").resolve()),
+                        report=str((out / "report.md").resolve()), average=results.get("average"))
