@@ -434,8 +434,8 @@ def _sniff_table(path: Path, source: str, lang: str, delimiter: str) -> ReadSpec
                       "text1<TAB>text2[<TAB>score]")
 
 
-def sniff_spec(path: Path, *, source: str | None = None, lang: str = "zh") -> ReadSpec:
-    """A ReadSpec for a user file, guessed from its extension and first record."""
+def sniff_spec(path: Path, *, source: str | None = None, lang: str = "auto") -> ReadSpec:
+    """A ReadSpec for a user file, guessed from its extension and first record (lang "auto": detected)."""
     path = Path(path)
     source = source or path.stem
     if path.is_dir():
