@@ -36,6 +36,8 @@ class TrainCommon(_Strict):
     log_every: int = Field(default=1, gt=0)
     max_failures: int = Field(default=1, ge=0, description="worker-group restarts Ray Train may do")
     seed: int = 0
+    log_batch_ids: bool = Field(default=False,
+                                description="write each step's example ids to metrics.jsonl (resume audits)")
     bucket_batches: int = Field(default=32, gt=0,
                                 description="batches per length-sorting chunk (bigger: less padding)")
 
@@ -46,7 +48,8 @@ class PretrainConfig(TrainCommon):
     batch_size: int = Field(default=8, gt=0, description="pairs per worker per step (global = x workers)")
     source_weights: dict[str, float] = Field(
         default_factory=dict,
-        description="sampling weight per `source` value; unlisted sources keep their natural share")
+        description="share of an epoch per `source` value (normalised); unlisted sources keep their natural "
+                    "share n_source / n_total")
     one_source_per_step: bool = Field(
         default=False, description="every global batch from one source (avoids easy cross-source negatives)")
 

@@ -40,9 +40,11 @@ class Encoder:
     bank: TokenBank
     device: torch.device
     bf16: bool = False
+    tokens: int = 0  # real (non-padding) tokens encoded so far, for tokens/s
 
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:
         features = {k: v.to(self.device, non_blocking=True) for k, v in self.bank.features(texts).items()}
+        self.tokens += int(features["attention_mask"].sum())
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             return self.model(features).float()
 

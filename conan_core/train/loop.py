@@ -1,0 +1,232 @@
+"""The Ray Train worker loop shared by pretraining and finetuning.
+
+Each step: the task hands this worker its share of the global batch and its objective; one backward;
+gradients averaged over workers (one flat all-reduce); clipping; AdamW; the LR from a pure function of
+the step. Rank 0 appends metrics to `<out>/metrics.jsonl` (the driver tails it for progress) and, every
+`checkpoint_every` steps, a checkpoint goes to Ray Train (`ray.train.report`), which keeps the newest
+`keep_checkpoints` under the run's storage. On a restart (a crash under FailureConfig, or the same
+command rerun) `ray.train.get_checkpoint()` hands the last checkpoint back and the loop continues at the
+next step with the same data position and RNG state, so no batch is repeated or skipped.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from conan_core.distributed import world_info
+from conan_core.model import ConanEmbedder
+from conan_core.paths import offline_env
+from conan_core.train.checkpoint import TrainState, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from conan_core.train.config import FinetuneConfig, PretrainConfig, TrainCommon
+from conan_core.train.data import TokenBank
+from conan_core.train.metrics import MetricsLog, _truncate_after
+from conan_core.train.objective import Encoder, average_gradients
+from conan_core.train.tasks import FinetuneTask, PretrainTask
+
+FINAL_MODEL_DIR = "model"
+HARDNESS_FILE = "hardness.jsonl"
+
+
+def lr_at(step: int, total: int, config: TrainCommon) -> float:
+    """Linear warmup over warmup_ratio of the steps, then linear / cosine decay or constant."""
+    warmup = round(config.warmup_ratio * total)
+    if step <= warmup:
+        return config.lr * step / max(1, warmup)
+    if config.schedule == "constant":
+        return config.lr
+    progress = (step - warmup) / max(1, total - warmup + 1)
+    if config.schedule == "cosine":
+        return config.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    return config.lr * (1 - progress)
+
+
+def total_steps(config: TrainCommon, steps_per_epoch: int) -> int:
+    return config.steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+
+
+def train_loop(spec: dict[str, Any]) -> None:
+    """Ray Train's train_loop_per_worker. spec: stage, config (dict), data_dirs, model_path, out_dir,
+    and for finetuning candidates_dir / mining (dict); fault_injection (tests)."""
+    offline_env()
+    import ray.train
+    import ray.train.torch
+
+    context = ray.train.get_context()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, context.get_local_world_size())))
+    device = ray.train.torch.get_device()
+    stage = spec["stage"]
+    config = (PretrainConfig if stage == "pretrain" else FinetuneConfig).model_validate(spec["config"])
+    out_dir = Path(spec["out_dir"])
+    world = world_info()
+    torch.manual_seed(config.seed + world.rank)
+
+    model = ConanEmbedder.load(spec["model_path"]).to(device)
+    if config.gradient_checkpointing:
+        model.encoder.gradient_checkpointing_enable()
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    encode = Encoder(model, TokenBank(model.tokenizer, config.max_length), device,
+                     bf16=config.bf16 and device.type == "cuda")
+    task = _build_task(stage, config, spec, encode, world.rank)
+    total = total_steps(config, task.steps_per_epoch())
+    start = _restore(model, optimizer, task, out_dir, world.rank)
+    log = MetricsLog(out_dir, resume_step=start) if world.rank == 0 else None
+    try:
+        for step in range(start + 1, total + 1):
+            metrics = _train_step(step, total, config, model, optimizer, task, encode)
+            _maybe_crash(spec.get("fault_injection"), step, world.rank)
+            if log is not None and (step % config.log_every == 0 or step == total):
+                log.write(metrics)
+            if step % config.checkpoint_every == 0 or step == total:
+                _report_checkpoint(step, model, optimizer, task, metrics)
+    finally:
+        if log is not None:
+            log.close()
+    if world.rank == 0:
+        model.save(out_dir / FINAL_MODEL_DIR, card=_card(stage, config, spec, total, world.size, task.counts))
+
+
+def _build_task(stage: str, config: TrainCommon, spec: dict[str, Any], encode: Encoder, rank: int):
+    if stage == "pretrain":
+        return PretrainTask(config, spec["data_dirs"], encode.bank, encode)
+    return FinetuneTask(config, spec["data_dirs"], encode.bank, encode,
+                        dyn=_dynamic_negatives(config, spec, rank))
+
+
+def _dynamic_negatives(config: FinetuneConfig, spec: dict[str, Any], rank: int):
+    """DHNM over the candidate lists, when a candidates dir is given (CBB mode only: vanilla is the
+    paper's baseline without DHNM)."""
+    if not spec.get("candidates_dir") or not config.dhnm or config.mode != "cbb":
+        return None
+    from conan_core.mining.candidates import CandidateLists
+    from conan_core.mining.config import MiningConfig
+    from conan_core.mining.dhnm import DynamicNegatives
+
+    mining = MiningConfig.model_validate(spec.get("mining") or {})
+    if not mining.dhnm.enabled:
+        return None
+    metrics = Path(spec["out_dir"]) / HARDNESS_FILE if rank == 0 else None
+    n_total = config.layout.retrieval_group * config.negatives_per_rank
+    return DynamicNegatives(CandidateLists.load(Path(spec["candidates_dir"])), n_total, mining.dhnm,
+                            metrics_path=metrics)
+
+
+def _restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, task, out_dir: Path, rank: int) -> int:
+    """Continue from Ray Train's latest checkpoint of this run, if any; returns the last finished step."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as directory:
+        state = load_checkpoint(Path(directory), model, optimizer)
+    for name, stream in task.streams.items():
+        if name in state.streams:
+            stream.load_state_dict(state.streams[name])
+    if len(state.rng) == world_info().size:
+        set_rng_state(state.rng[rank])
+    task.load_state_dict(state.dhnm)
+    if rank == 0:
+        _truncate_after(out_dir / HARDNESS_FILE, state.step)
+    return state.step
+
+
+def _train_step(step: int, total: int, config: TrainCommon, model: torch.nn.Module,
+                optimizer: torch.optim.Optimizer, task, encode: Encoder) -> dict[str, Any]:
+    started = time.perf_counter()
+    tokens_before = encode.tokens
+    lr = lr_at(step, total, config)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    result = task.step(step)
+    result.objective.backward()
+    params = [p for p in model.parameters() if p.requires_grad]
+    average_gradients(params)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip or float("inf"))
+    optimizer.step()
+    extra = task.after_step(step, result)
+    sums = _global_sums(result, encode.tokens - tokens_before, encode.device)
+    seconds = time.perf_counter() - started
+    metrics = {"step": step, "total_steps": total, "loss": sums["loss"], "lr": lr,
+               "grad_norm": float(grad_norm), "pairs_per_s": result.pairs / seconds,
+               "tokens_per_s": sums["tokens"] / seconds, "step_seconds": seconds, **sums["tasks"], **extra}
+    if config.log_batch_ids:
+        metrics["batch_ids"] = result.batch_ids
+    return metrics
+
+
+def _global_sums(result, tokens: int, device: torch.device) -> dict[str, Any]:
+    """Global loss (mean of the workers' objectives), each task's loss, and tokens, in one all-reduce."""
+    names = list(result.losses)
+    values = [result.objective.detach().float(), torch.tensor(float(tokens), device=device)]
+    for name in names:
+        loss = result.losses[name]
+        values += [loss.float() if loss is not None else torch.zeros((), device=device),
+                   torch.tensor(1.0 if loss is not None else 0.0, device=device)]
+    packed = torch.stack([v.to(device).reshape(()) for v in values])
+    size = world_info().size
+    if size > 1:
+        dist.all_reduce(packed)
+    tasks = {}
+    for i, name in enumerate(names):
+        count = float(packed[3 + 2 * i])
+        tasks[name] = float(packed[2 + 2 * i]) / count if count else None
+    return {"loss": float(packed[0]) / size, "tokens": float(packed[1]), "tasks": tasks}
+
+
+def _report_checkpoint(step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, task,
+                       metrics: dict[str, Any]) -> None:
+    """Every worker reports (Ray Train needs all of them); rank 0 attaches the checkpoint, holding the
+    RNG states of all workers."""
+    import ray.train
+
+    world = world_info()
+    states: list[Any] = [None] * world.size
+    if world.size > 1:
+        dist.all_gather_object(states, rng_state())
+    else:
+        states = [rng_state()]
+    report = {k: v for k, v in metrics.items() if k != "batch_ids"}
+    if world.rank != 0:
+        ray.train.report(report)
+        return
+    state = TrainState(step=step, streams={n: s.state_dict() for n, s in task.streams.items()}, rng=states,
+                       dhnm=task.state_dict())
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(Path(tmp), model, optimizer, state)
+        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _maybe_crash(fault: dict[str, Any] | None, step: int, rank: int) -> None:
+    """Test hook: the last worker dies once at the given step (a marker file remembers that it did)."""
+    if not fault or step != fault["step"] or rank != world_info().size - 1:
+        return
+    marker = Path(fault["marker"])
+    if marker.exists():
+        return
+    marker.write_text(f"crashed at step {step}\n")
+    os._exit(1)
+
+
+def _card(stage: str, config: TrainCommon, spec: dict[str, Any], steps: int, workers: int,
+          counts: dict[str, int]) -> dict[str, Any]:
+    losses = ("in-batch InfoNCE over the global batch (Eq. 1)" if stage == "pretrain" else
+              "CBB: InfoNCE with group negatives + beta*CoSENT (Eq. 3)" if config.mode == "cbb" else
+              "vanilla: one task per step (InfoNCE or CoSENT)")
+    card = {"stage": stage, "data": [str(d) for d in spec["data_dirs"]], "losses": losses, "steps": steps,
+            "workers": workers, "lr": config.lr, "examples": counts}
+    if config.matryoshka_dims:
+        card["matryoshka_dims"] = config.matryoshka_dims
+    if stage == "finetune":
+        card["layout"] = config.layout.model_dump()
+        card["dhnm"] = bool(spec.get("candidates_dir") and config.dhnm)
+    return card

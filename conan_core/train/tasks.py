@@ -1,0 +1,220 @@
+"""The two training stages as step producers: each builds its data once, hands every worker its share of
+the next global batch, and computes the worker's objective. `loop.py` runs them the same way.
+
+`PretrainTask`: a global batch of `batch_size * workers` pairs per step (one stream over all sources,
+mixed by weight); worker r takes slice r. `FinetuneTask`: per step one retrieval batch (shared by the
+retrieval group, each group rank with its own slice of every query's negatives) and one STS batch per
+STS rank, or one task only in `vanilla` mode. Dynamic hard negatives (DHNM) plug in through
+`DynamicNegatives`: each query's current negatives come from it, and the forward pass's cosines go back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from conan_core.distributed import world_info
+from conan_core.losses.matryoshka import MatryoshkaLoss
+from conan_core.train.batching import (
+    BatchStream,
+    TrainDataError,
+    assign_roles,
+    negatives_slice,
+    rank_slice,
+)
+from conan_core.train.config import FinetuneConfig, PretrainConfig
+from conan_core.train.data import TokenBank, finetune_tasks, load_records, pretrain_pairs
+from conan_core.train.objective import CbbShape, CbbWorkerBatch, Encoder, cbb_objective, pretrain_objective
+
+
+@dataclass
+class StepResult:
+    objective: torch.Tensor
+    losses: dict[str, torch.Tensor | None]  # per task, this worker's value or None
+    pairs: int  # examples the global step trained on
+    batch_ids: list[str]  # ids of the global batch's examples (for audits of resume)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _source_weights(sources: Sequence[str], weights: dict[str, float]) -> tuple[list[str], list[float] | None]:
+    """Listed sources get their weight as a share of the epoch; unlisted ones their natural share."""
+    names = sorted(set(sources))
+    unknown = sorted(set(weights) - set(names))
+    if unknown:
+        raise TrainDataError(f"source_weights names sources not in the data: {', '.join(unknown)} "
+                             f"(sources: {', '.join(names)})")
+    if not weights:
+        return names, None
+    counts = {name: 0 for name in names}
+    for source in sources:
+        counts[source] += 1
+    total = len(sources)
+    return names, [weights.get(name, counts[name] / total) for name in names]
+
+
+class PretrainTask:
+    stream_names = ("pairs",)
+
+    def __init__(self, config: PretrainConfig, data_dirs: Sequence[str | Path], bank: TokenBank,
+                 encode: Encoder) -> None:
+        self.config, self.encode = config, encode
+        self.world = world_info()
+        self.pairs = pretrain_pairs(load_records(data_dirs))
+        bank.add(self.pairs.queries + self.pairs.positives)
+        lengths = bank.lengths(self.pairs.queries) + bank.lengths(self.pairs.positives)
+        names, weights = _source_weights(self.pairs.sources, config.source_weights)
+        source_array = np.asarray(self.pairs.sources)
+        groups = [np.flatnonzero(source_array == name) for name in names]
+        self.streams = {"pairs": BatchStream("pairs", groups, lengths, config.batch_size * self.world.size,
+                                             seed=config.seed, weights=weights,
+                                             one_group_per_batch=config.one_source_per_step,
+                                             bucket_batches=config.bucket_batches)}
+        self.matryoshka = MatryoshkaLoss(config.matryoshka_dims)
+        self.counts = {"pairs": len(self.pairs), "sources": len(names)}
+
+    def steps_per_epoch(self) -> int:
+        return self.streams["pairs"].batches_per_epoch
+
+    def step(self, step: int) -> StepResult:
+        batch = self.streams["pairs"].next()
+        mine = rank_slice(batch, self.world.rank, self.config.batch_size)
+        loss = pretrain_objective(self.encode, [self.pairs.queries[i] for i in mine],
+                                  [self.pairs.positives[i] for i in mine],
+                                  temperature=self.config.temperature, matryoshka=self.matryoshka)
+        return StepResult(loss, {"loss_pairs": loss.detach()}, len(batch), [self.pairs.ids[i] for i in batch])
+
+    def after_step(self, step: int, result: StepResult) -> dict[str, Any]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        return None
+
+
+class FinetuneTask:
+    stream_names = ("retrieval", "sts")
+
+    def __init__(self, config: FinetuneConfig, data_dirs: Sequence[str | Path], bank: TokenBank,
+                 encode: Encoder, *, dyn: Any = None) -> None:
+        self.config, self.encode, self.dyn = config, encode, dyn
+        self.world = world_info()
+        layout = config.layout
+        self.n_total = layout.retrieval_group * config.negatives_per_rank
+        self.retrieval, self.sts, self.counts = finetune_tasks(
+            load_records(data_dirs), classification_negatives=self.n_total, seed=config.seed)
+        if not len(self.retrieval):
+            raise TrainDataError("finetuning needs retrieval examples (kinds retrieval/pair/classification)")
+        if layout.sts_workers and not len(self.sts):
+            raise TrainDataError(f"the layout has sts_workers={layout.sts_workers} but the data has no STS "
+                                 "records (kind sts, or pairs with a score); set layout.sts_workers: 0")
+        _fill_missing_negatives(self.retrieval.negatives, self.retrieval.positives, self.n_total, config.seed)
+        self.roles = tuple(assign_roles(layout, self.world.size))
+        self.shape = CbbShape(self.roles, config.retrieval_batch, config.negatives_per_rank, config.sts_batch,
+                              encode.model.dim)
+        bank.add(self.retrieval.queries + self.retrieval.positives + self.sts.first + self.sts.second)
+        bank.add(t for negs in self.retrieval.negatives for t in negs)
+        self.streams = {"retrieval": BatchStream(
+            "retrieval", [np.arange(len(self.retrieval))],
+            bank.lengths(self.retrieval.queries) + bank.lengths(self.retrieval.positives),
+            config.retrieval_batch, seed=config.seed, bucket_batches=config.bucket_batches)}
+        if layout.sts_workers:
+            self.streams["sts"] = BatchStream(
+                "sts", [np.arange(len(self.sts))], bank.lengths(self.sts.first) + bank.lengths(self.sts.second),
+                config.sts_batch * layout.sts_workers, seed=config.seed, bucket_batches=config.bucket_batches)
+        self.matryoshka = MatryoshkaLoss(config.matryoshka_dims)
+
+    def steps_per_epoch(self) -> int:
+        return self.streams["retrieval"].batches_per_epoch
+
+    def tasks_for(self, step: int) -> tuple[str, ...]:
+        """CBB: every task; vanilla: one, drawn from a per-step seed so every worker draws the same."""
+        available = [t for t in ("retrieval", "sts") if t in self.streams]
+        if self.config.mode == "cbb":
+            return tuple(available)
+        weights = np.array([self.config.task_weights.get(t, 0.0) for t in available], dtype=float)
+        if weights.sum() <= 0:
+            raise TrainDataError(f"vanilla mode: task_weights give 0 to every task of {available}")
+        rng = np.random.default_rng([self.config.seed, step])
+        return (available[int(rng.choice(len(available), p=weights / weights.sum()))],)
+
+    def _negatives_of(self, index: int) -> list[str]:
+        own = self.retrieval.negatives[index]
+        if self.dyn is None or self.retrieval.ids[index] not in self.dyn.candidates.queries:
+            return own
+        return self.dyn.negatives(self.retrieval.ids[index]) or own
+
+    def step(self, step: int) -> StepResult:
+        tasks = self.tasks_for(step)
+        mine = self.roles[self.world.rank]
+        batch, ids, pairs = CbbWorkerBatch(), [], 0
+        query_index = None
+        if "retrieval" in tasks:
+            query_index = self.streams["retrieval"].next()
+            ids += [self.retrieval.ids[i] for i in query_index]
+            pairs += len(query_index)
+            if mine.retrieval_ranks:
+                batch.queries = [self.retrieval.queries[i] for i in query_index]
+                batch.positives = [self.retrieval.positives[i] for i in query_index]
+                lists = [self._negatives_of(i) for i in query_index]
+                batch.negatives = {g: [negatives_slice(lst, g, self.config.negatives_per_rank) for lst in lists]
+                                   for g in mine.retrieval_ranks}
+        if "sts" in tasks:
+            sts_index = self.streams["sts"].next()
+            ids += [self.sts.ids[i] for i in sts_index]
+            pairs += len(sts_index)
+            for s in mine.sts_ranks:
+                part = rank_slice(sts_index, s, self.config.sts_batch)
+                batch.sts[s] = ([self.sts.first[i] for i in part], [self.sts.second[i] for i in part],
+                                [self.sts.scores[i] for i in part])
+        out = cbb_objective(self.encode, batch, self.shape, temperature=self.config.temperature,
+                            beta=self.config.beta, scale=self.config.cosent_scale,
+                            in_batch=self.config.in_batch_negatives, matryoshka=self.matryoshka, tasks=tasks,
+                            share_negatives=self.config.mode == "cbb")
+        return StepResult(out.objective, {"loss_retrieval": out.retrieval_loss, "loss_sts": out.sts_loss},
+                          pairs, ids, {"query_index": query_index, "neg_scores": out.neg_scores,
+                                       "tasks": tasks})
+
+    def after_step(self, step: int, result: StepResult) -> dict[str, Any]:
+        """DHNM: every worker observes the same cosines (computed on rank 0, which always holds group
+        rank 0) so every worker's negatives stay identical; then the periodic staleness check."""
+        if self.dyn is None or result.info["query_index"] is None:
+            return {}
+        rows = len(result.info["query_index"])
+        scores = result.info["neg_scores"]
+        if scores is None:
+            scores = torch.zeros(rows, self.n_total, device=self.encode.device)
+        if self.world.size > 1:
+            scores = scores.contiguous()
+            dist.broadcast(scores, src=0)
+        query_ids = [self.retrieval.ids[i] for i in result.info["query_index"]]
+        known = [j for j, qid in enumerate(query_ids) if qid in self.dyn.candidates.queries]
+        if known:
+            self.dyn.observe([query_ids[j] for j in known], scores[known].float().cpu().numpy())
+        check = self.dyn.maybe_check(step)
+        return {f"dhnm_{k}": v for k, v in (check or {}).items() if isinstance(v, int | float) and k != "step"}
+
+    def state_dict(self) -> dict[str, Any] | None:
+        return self.dyn.state_dict() if self.dyn is not None else None
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        if self.dyn is not None and state is not None:
+            self.dyn.load_state_dict(state)
+
+
+def _fill_missing_negatives(negatives: list[list[str]], positives: list[str], count: int, seed: int) -> None:
+    """Queries without negatives (plain pairs) get other queries' positives, drawn once with a fixed
+    seed, so every worker and every resumed run sees the same ones."""
+    rng = np.random.default_rng([seed, 7])
+    for i, negs in enumerate(negatives):
+        if negs or len(positives) < 2:
+            continue
+        picks = rng.choice(len(positives) - 1, size=min(count, len(positives) - 1), replace=False)
+        negatives[i] = [positives[j if j < i else j + 1] for j in picks]
