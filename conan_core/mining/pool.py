@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
 from conan_core.errors import ConanError
 from conan_core.io.dataset import read_dataset, read_manifest
@@ -41,6 +41,8 @@ from conan_core.mining.corpus import (
 from conan_core.mining.guards import excluded_doc_indices, guard_candidates, normalise_for_match
 from conan_core.mining.index import build_index, configure_faiss, merge_topk, search
 from conan_core.paths import offline_env, work_dir
+
+RESTART_WAIT_S = 120.0  # how long a restarting actor may take (model load) before it is replaced
 
 
 class MiningActorError(ConanError):
@@ -210,10 +212,10 @@ class MiningPool:
         """Submit each (actor slot, call); a call whose actor died is sent again once the actor is back."""
         results: list[Any] = [None] * len(calls)
         attempts = [0] * len(calls)
-        pending = {make(self._actors[slot]): i for i, (slot, make) in enumerate(calls)}
+        pending = {make(self._actors[slot]): (i, self._actors[slot]) for i, (slot, make) in enumerate(calls)}
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
-            i = pending.pop(ready[0])
+            i, handle = pending.pop(ready[0])
             try:
                 results[i] = ray.get(ready[0])
             except RayTaskError as err:
@@ -223,15 +225,29 @@ class MiningPool:
             except RayActorError as err:
                 slot, make = calls[i]
                 attempts[i] += 1
-                self.restarts += 1
                 if attempts[i] > self._config.max_actor_retries:
                     raise MiningActorError(f"mining actor {slot} died {attempts[i]} times; last: "
                                            f"{str(err).splitlines()[0]}") from None
-                if attempts[i] > 1:  # Ray's restart did not bring it back: start a fresh actor in the slot
-                    ray.kill(self._actors[slot], no_restart=True)
-                    self._actors[slot] = self._new_actor()
-                pending[make(self._actors[slot])] = i
+                self._recover(slot, handle)
+                pending[make(self._actors[slot])] = (i, self._actors[slot])
         return results
+
+    def _recover(self, slot: int, failed: Any) -> None:
+        """Wait for Ray to restart the actor in `slot`; if it stays dead, put a fresh actor there."""
+        if self._actors[slot] is not failed:
+            return  # another lost call already brought this slot back
+        self.restarts += 1
+        deadline = time.monotonic() + RESTART_WAIT_S
+        while time.monotonic() < deadline:
+            try:
+                ray.get(failed.pid.remote(), timeout=RESTART_WAIT_S)
+                return
+            except ActorUnavailableError:  # restarting: calls sent now would fail too
+                time.sleep(0.2)
+            except (RayActorError, GetTimeoutError):
+                break
+        ray.kill(failed, no_restart=True)
+        self._actors[slot] = self._new_actor()
 
 
 def pool_size(config: MiningConfig, shards: int, workers: int | None) -> int:
@@ -252,6 +268,7 @@ def _norm_index(texts: Sequence[str]) -> dict[str, list[int]]:
 def mine(pool: MiningPool, shards: list[ShardRef], doc_ids: Sequence[str], doc_texts: Sequence[str],
          records: dict[str, QueryCandidates], config: MiningConfig) -> dict[str, QueryCandidates]:
     """Ranked, guarded candidate lists for `records` (query id -> record texts; lists filled in)."""
+    order = {qid: i for i, qid in enumerate(records)}
     unique_queries = list(dict.fromkeys(r.query for r in records.values()))
     query_row = {q: i for i, q in enumerate(unique_queries)}
     # Every positive of a query text is a positive of each record with that text (never its negative).
@@ -263,19 +280,31 @@ def mine(pool: MiningPool, shards: list[ShardRef], doc_ids: Sequence[str], doc_t
     k_fetch = config.top_k + max((len(e) for e in excluded.values()), default=0)
 
     query_vectors = pool.encode(unique_queries)
-    scores, indices = pool.search(shards, query_vectors, k_fetch)
     positive_scores = _positive_scores(pool, records, query_vectors, query_row) if config.margin else {}
+    records_of: dict[str, list[str]] = {}
+    for qid, rec in records.items():
+        records_of.setdefault(rec.query, []).append(qid)
 
     mined: dict[str, QueryCandidates] = {}
-    for qid, rec in records.items():
-        row = query_row[rec.query]
-        positive_score = positive_scores.get(qid)
-        kept, kept_scores = guard_candidates(indices[row], scores[row], excluded[rec.query], positive_score,
-                                             config.margin, config.top_k)
-        mined[qid] = QueryCandidates(query=rec.query, positive=rec.positive, negatives=rec.negatives,
-                                     doc_ids=[doc_ids[i] for i in kept], scores=kept_scores,
-                                     positive_score=positive_score)
-    return mined
+    pending = list(range(len(unique_queries)))
+    while pending:
+        scores, indices = pool.search(shards, query_vectors[pending], k_fetch)
+        short = []
+        for row, query_index in enumerate(pending):
+            query = unique_queries[query_index]
+            for qid in records_of[query]:
+                rec = records[qid]
+                kept, kept_scores = guard_candidates(indices[row], scores[row], excluded[query],
+                                                     positive_scores.get(qid), config.margin, config.top_k)
+                mined[qid] = QueryCandidates(query=rec.query, positive=rec.positive, negatives=rec.negatives,
+                                             doc_ids=[doc_ids[i] for i in kept], scores=kept_scores,
+                                             positive_score=positive_scores.get(qid))
+                # The margin dropped so many that the list is short while the corpus has more: fetch deeper.
+                if len(kept) < config.top_k and k_fetch < len(doc_ids):
+                    short.append(query_index)
+        pending = list(dict.fromkeys(short))
+        k_fetch = min(2 * k_fetch, len(doc_ids))
+    return dict(sorted(mined.items(), key=lambda item: order[item[0]]))
 
 
 def _positive_scores(pool: MiningPool, records: dict[str, QueryCandidates], query_vectors: np.ndarray,

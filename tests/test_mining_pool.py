@@ -1,0 +1,227 @@
+"""The Ray mining pool end to end: conan mine's library call, re-mine with the cache, and a killed actor.
+
+One Ray session for the module (starting Ray costs ~6 s). Two encoders: the tiny random BERT (the real
+model code path) and a character-trigram hashing encoder, which is exact and fast, for the kill test.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+import zlib
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+import ray
+
+from conan_core.io.dataset import read_dataset, write_dataset
+from conan_core.mining.candidates import CandidateLists
+from conan_core.mining.config import DHNMConfig, MiningConfig
+from conan_core.mining.corpus import shard_refs
+from conan_core.mining.dhnm import DynamicNegatives
+from conan_core.mining.guards import normalise_for_match
+from conan_core.mining.pool import MiningPool, ray_session, remine, run_mine
+from conan_core.schema import make_record, records_table
+from conan_core.testing import tiny_model
+
+WORDS = ("cat dog car house tree water food music book city good bad new old big small the a of and to in on "
+         "for with what how why who").split()
+
+
+class HashEncoder:
+    """Character-trigram hashing into 32 dims, L2-normalised: deterministic, no model, fast."""
+
+    dim = 32
+
+    def encode(self, texts, batch_size: int = 64, normalize: bool = True) -> np.ndarray:
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for row, text in enumerate(texts):
+            padded = f"  {text.lower()} "
+            for i in range(len(padded) - 2):
+                h = zlib.crc32(padded[i:i + 3].encode())
+                out[row, h % self.dim] += 1.0 if (h >> 16) & 1 else -1.0
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        return out / np.maximum(norms, 1e-12)
+
+    def fingerprint(self) -> str:
+        return "hash-trigram-32"
+
+
+class CrashingHashEncoder(HashEncoder):
+    """Kills its own process (os._exit) the first time it is asked to encode `trigger`: a dying actor."""
+
+    def __init__(self, trigger: str, marker: str) -> None:
+        self.trigger, self.marker = trigger, marker
+
+    def encode(self, texts, batch_size: int = 64, normalize: bool = True) -> np.ndarray:
+        if self.trigger in texts and not os.path.exists(self.marker):
+            Path(self.marker).touch()
+            os._exit(1)
+        return super().encode(texts, batch_size, normalize)
+
+
+class Factory:
+    def __init__(self, encoder) -> None:
+        self.encoder = encoder
+
+    def __call__(self):
+        return self.encoder
+
+
+def sentence(rng: random.Random, words: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(words))
+
+
+def write_records(path: Path, records: list[dict]) -> Path:
+    write_dataset(path, records_table(records), None, config={}, inputs=[], counts={})
+    return path
+
+
+@pytest.fixture(scope="module")
+def ray_running():
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # test classes travel to the actors
+    with ray_session():
+        yield
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    rng = random.Random(0)
+    records = []
+    for i in range(40):
+        positive = f"{sentence(rng, 6)} answer {i}"
+        negatives = [f"{sentence(rng, 7)} wrong {i}"] if i % 4 == 0 else []
+        records.append(make_record(kind="retrieval", query=f"{sentence(rng, 5)} query {i}", positive=positive,
+                                   negatives=negatives, source="test", lang="en"))
+    # Near-duplicates of positives (differ in case/punctuation only) must never become negatives.
+    for rec in records[:5]:
+        records.append(make_record(kind="sts", query=sentence(rng, 4), positive=rec["positive"].upper() + "!",
+                                   score=1.0, source="test", lang="en"))
+    for _ in range(150):
+        records.append(make_record(kind="sts", query=sentence(rng, 4), positive=sentence(rng, 8), score=0.5,
+                                   source="test", lang="en"))
+    return write_records(tmp_path_factory.mktemp("data") / "ds", records)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, data_dir: Path) -> Path:
+    table = read_dataset(data_dir)
+    texts = table.column("query").to_pylist() + table.column("positive").to_pylist()
+    return tiny_model(texts).save(tmp_path_factory.mktemp("model") / "tiny")
+
+
+def global_top(corpus_vectors: np.ndarray, query_vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    index = faiss.IndexFlatIP(corpus_vectors.shape[1])
+    index.add(corpus_vectors)
+    return index.search(query_vectors, k)
+
+
+@pytest.mark.slow
+def test_run_mine_then_remine_with_cache(ray_running, data_dir: Path, model_dir: Path, tmp_path: Path) -> None:
+    from conan_core.model import ConanEmbedder
+
+    config = MiningConfig(top_k=30, shard_rows=60, cache_dir=str(tmp_path / "cache"))
+    manifest = run_mine(model_dir, data_dir, tmp_path / "cands", config, workers=2)
+    model = ConanEmbedder.load(model_dir)
+    assert manifest["config"]["mined_by"]["fingerprint"] == model.fingerprint()
+    counts = manifest["counts"]
+    assert counts["queries"] == 40 and counts["shards"] == 4 and counts["actors"] == 2
+    assert counts["shards_encoded"] == 4
+
+    lists = CandidateLists.load(tmp_path / "cands")
+    corpus = read_dataset(tmp_path / "cands" / "corpus")
+    doc_ids, texts = corpus.column("doc_id").to_pylist(), corpus.column("text").to_pylist()
+    position = {d: i for i, d in enumerate(doc_ids)}
+    queries = list(lists.queries.values())
+    expected_scores, expected_rows = global_top(model.encode(texts), model.encode([q.query for q in queries]),
+                                                len(texts))
+    for row, entry in enumerate(queries):
+        norm_positive = normalise_for_match(entry.positive)
+        assert all(normalise_for_match(lists.doc_texts[d]) != norm_positive for d in entry.doc_ids)
+        assert entry.scores == sorted(entry.scores, reverse=True)
+        # Same as one global flat index with the same guards applied.
+        allowed = [(s, r) for s, r in zip(expected_scores[row], expected_rows[row], strict=True)
+                   if normalise_for_match(texts[r]) not in (norm_positive, normalise_for_match(entry.query))
+                   ][:30]
+        assert len(entry.doc_ids) == len(allowed) == 30
+        np.testing.assert_allclose(entry.scores, [s for s, _ in allowed], atol=1e-5)
+        for got, (score, want) in zip([position[d] for d in entry.doc_ids], allowed, strict=True):
+            # Encoding on 1 vs 2 threads may reorder exact ties, nothing else.
+            assert got == want or abs(score - expected_scores[row][list(expected_rows[row]).index(got)]) < 1e-5
+
+    dyn = DynamicNegatives(lists, 3, DHNMConfig())
+    first = next(iter(lists.queries))
+    assert len(dyn.negatives(first)) == 3
+
+    some = list(lists.queries)[:7]
+    again = remine(model_dir, tmp_path / "cands", some, out_dir=tmp_path / "cands-2", workers=2)
+    assert again.mined_by["previous"] == lists.fingerprint
+    assert read_manifest_counts(tmp_path / "cands-2") == {"shards_encoded": 0, "remined_queries": 7}
+    for qid in lists.queries:
+        new, old = again.queries[qid], lists.queries[qid]
+        np.testing.assert_allclose(new.scores, old.scores, atol=1e-5)
+        # Batches of other sizes change the query vectors in the last float bits: exact ties may swap.
+        assert all(a == b or abs(sa - sb) < 1e-5 for a, b, sa, sb in zip(new.doc_ids, old.doc_ids, new.scores,
+                                                                          old.scores, strict=True))
+    assert all(again.queries[q] is not lists.queries[q] for q in some)
+
+
+def read_manifest_counts(path: Path) -> dict:
+    from conan_core.io.dataset import read_manifest
+
+    counts = read_manifest(path)["counts"]
+    return {"shards_encoded": counts["shards_encoded"], "remined_queries": counts["remined_queries"]}
+
+
+@pytest.mark.slow
+def test_killed_actor_is_restarted_and_no_query_is_lost(ray_running, data_dir: Path, tmp_path: Path) -> None:
+    config = MiningConfig(top_k=20, shard_rows=50, skip_ranks=0, margin=0.95)
+    undisturbed = run_mine("unused", data_dir, tmp_path / "a", config.model_copy(update={
+        "cache_dir": str(tmp_path / "cache-a")}), workers=2, encoder_factory=Factory(HashEncoder()))
+    corpus = read_dataset(tmp_path / "a" / "corpus").column("text").to_pylist()
+    trigger = corpus[120]  # a document of shard 2 (served by actor 0, which also holds shard 0)
+    marker = tmp_path / "crashed"
+    disturbed = run_mine("unused", data_dir, tmp_path / "b", config.model_copy(update={
+        "cache_dir": str(tmp_path / "cache-b")}), workers=2,
+        encoder_factory=Factory(CrashingHashEncoder(trigger, str(marker))))
+    assert marker.exists()
+    assert disturbed["counts"]["actor_restarts"] >= 1 and undisturbed["counts"]["actor_restarts"] == 0
+    a = read_dataset(tmp_path / "a").select(["query_id", "doc_ids", "scores"]).to_pylist()
+    b = read_dataset(tmp_path / "b").select(["query_id", "doc_ids", "scores"]).to_pylist()
+    assert len(b) == 40 and a == b
+    # Margin: every kept score is below 0.95 * positive, and lists are as long as the corpus allows
+    # (the pool fetches deeper when the margin emptied the first top-k).
+    corpus_vectors = HashEncoder().encode(corpus)
+    norm_corpus = [normalise_for_match(t) for t in corpus]
+    for row in read_dataset(tmp_path / "a").select(["query", "positive", "scores", "positive_score"]).to_pylist():
+        limit = row["positive_score"] * 0.95
+        assert all(s < limit for s in row["scores"])
+        query_vector = HashEncoder().encode([row["query"]])[0]
+        banned = {normalise_for_match(row["query"]), normalise_for_match(row["positive"])}
+        eligible = sum(1 for score, norm in zip(corpus_vectors @ query_vector, norm_corpus, strict=True)
+                       if score < limit and norm not in banned)
+        assert len(row["scores"]) == min(20, eligible)
+
+    # ray.kill between two searches: the restarted actor reloads its shard (from the cache) and answers.
+    shards = shard_refs(tmp_path / "a" / "corpus")
+    queries = HashEncoder().encode(corpus[:30])
+    with MiningPool(Factory(HashEncoder()), config.model_copy(update={"cache_dir": str(tmp_path / "cache-a")}),
+                    size=2) as pool:
+        before = pool.search(shards, queries, 10)
+        ray.kill(pool.actor(0), no_restart=False)
+        after = pool.search(shards, queries, 10)
+        assert pool.encoded_shards == 0
+    np.testing.assert_array_equal(before[1], after[1])
+    np.testing.assert_array_equal(before[0], after[0])
+
+
+def test_empty_query_set_is_a_clear_error(tmp_path: Path) -> None:
+    from conan_core.errors import ConanError
+
+    records = [make_record(kind="sts", query="a b", positive="c d", score=1.0, source="t", lang="en")]
+    path = write_records(tmp_path / "ds", records)
+    with pytest.raises(ConanError, match="no query records"):
+        run_mine("unused", path, tmp_path / "out", MiningConfig())
