@@ -40,3 +40,27 @@ def write_finetune(path: Path, n_retrieval: int, n_sts: int, n_cls: int = 0, see
 
 def save_tiny_model(path: Path, **kw) -> Path:
     return tiny_model(**kw).save(path)
+
+
+def write_candidates_for(path: Path, dataset_dir: Path, list_length: int = 30, seed: int = 0) -> Path:
+    """A candidates dir (as `conan mine` writes it) for the retrieval records of `dataset_dir`: each query
+    gets `list_length` random corpus documents as its ranked list."""
+    from conan_core.io.dataset import read_dataset
+    from conan_core.mining.candidates import QueryCandidates, write_candidates
+    from conan_core.mining.config import MiningConfig
+    from conan_core.mining.corpus import doc_id, write_corpus
+
+    rng = random.Random(seed)
+    rows = [r for r in read_dataset(dataset_dir).to_pylist() if r["kind"] == "retrieval"]
+    corpus = sorted({_sentence(rng, 4, 10) + f" doc{i}" for i in range(3 * list_length)})
+    write_corpus(path / "corpus", corpus, shard_rows=1000, inputs=[])
+    queries = {}
+    for row in rows:
+        docs = rng.sample(corpus, list_length)
+        queries[row["id"]] = QueryCandidates(query=row["query"], positive=row["positive"],
+                                             negatives=list(row["negatives"]), doc_ids=[doc_id(t) for t in docs],
+                                             scores=[1.0 - r / 100 for r in range(list_length)])
+    write_candidates(path / "cands", queries, corpus_dir=path / "corpus", mined_by={"fingerprint": "test"},
+                     mining_config=MiningConfig(skip_ranks=2).model_dump(mode="json"), inputs=[],
+                     counts={"queries": len(queries)})
+    return path / "cands"

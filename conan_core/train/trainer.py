@@ -153,9 +153,10 @@ def _fit_with_progress(trainer: Any, metrics_path: Path, callback: ProgressCallb
         except BaseException as err:  # re-raised on the caller's thread below
             outcome["error"] = err
 
+    # Steps already in the log come from an earlier run this one resumes: not news to the caller.
+    last_step = max((row["step"] for row in read_metrics(metrics_path)), default=0)
     thread = threading.Thread(target=fit, name="conan-train-fit", daemon=True)
     thread.start()
-    last_step = 0
     while thread.is_alive():
         thread.join(timeout=1.0)
         if callback is not None:
