@@ -10,13 +10,15 @@ stopped too (Ray started from a `.submit()`ted task made a later `ray.shutdown()
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from conan_core.errors import ConanError
 from conan_core.paths import PROJECT_ROOT, offline_env, work_dir
@@ -76,6 +78,14 @@ def ray_for_flow(address: str | None) -> Iterator[None]:
         yield
 
 
+def keyed_dir(base: str, *inputs: Any) -> str:
+    """`base-<hash of inputs>`: a training stage resumes from the checkpoints in its out dir (Ray Train
+    resumes a run of the same name and storage), which is right after a crash and wrong after a change of
+    config or data, so each distinct set of inputs gets its own dir."""
+    digest = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
+    return f"{base}-{digest[:10]}"
+
+
 def run_stages(plan: StagePlan, runner: StageRunner) -> dict[str, Any]:
     """The DAG, in order; every stage's inputs are the results of the stages it depends on."""
     pretrain_data = runner.run("clean-pretrain", clean_task, **plan.clean_pretrain)
@@ -83,10 +93,12 @@ def run_stages(plan: StagePlan, runner: StageRunner) -> dict[str, Any]:
     llm_pairs = runner.run("extract", extract_task, **plan.extract)
     base_model = runner.run("init-model", init_model_task, **plan.init_model)
     candidates = runner.run("mine", mine_task, model=base_model, data=finetune_data, **plan.mine)
-    pretrained = runner.run("pretrain", pretrain_task, model=base_model, data=[pretrain_data, llm_pairs],
-                            **plan.pretrain)
-    finetuned = runner.run("finetune", finetune_task, model=pretrained, data=[finetune_data],
-                           candidates=candidates, **plan.finetune)
+    pretrain_inputs = {"model": base_model, "data": [pretrain_data, llm_pairs], **plan.pretrain}
+    pretrained = runner.run("pretrain", pretrain_task,
+                            **{**pretrain_inputs, "output": keyed_dir(plan.pretrain["output"], pretrain_inputs)})
+    finetune_inputs = {"model": pretrained, "data": [finetune_data], "candidates": candidates, **plan.finetune}
+    finetuned = runner.run("finetune", finetune_task,
+                           **{**finetune_inputs, "output": keyed_dir(plan.finetune["output"], finetune_inputs)})
     report = runner.run("evaluate", evaluate_task, model=finetuned, **plan.evaluate)
     return {"model": finetuned["path"], "metrics": finetuned.get("metrics_path"),
             "pretrain_metrics": pretrained.get("metrics_path"), "eval_results": report["results"],
@@ -131,10 +143,10 @@ def conan_pipeline(config: str = "configs/demo.yaml", overrides: list[str] | Non
 
 
 def prefect_settings(api_url: str) -> contextlib.AbstractContextManager:
-    """The Prefect settings a pipeline run uses: this API, and persisted results inside the work dir
-    (unless PREFECT_LOCAL_STORAGE_PATH is set explicitly)."""
-    storage = os.environ.get("PREFECT_LOCAL_STORAGE_PATH") or str(work_dir() / "prefect_results")
-    return temporary_settings(updates={PREFECT_API_URL: api_url, PREFECT_LOCAL_STORAGE_PATH: storage})
+    """The Prefect settings a pipeline run in this process uses: this API. Task results persist under
+    PREFECT_LOCAL_STORAGE_PATH, by default $PREFECT_HOME/storage, and `offline_env()` puts PREFECT_HOME
+    inside the work dir: the same place a worker's flow-run subprocess uses, so both share one cache."""
+    return temporary_settings(updates={PREFECT_API_URL: api_url})
 
 
 def run_pipeline(api_url: str, config: str, overrides: list[str] | None = None, out_dir: str | None = None,

@@ -42,7 +42,7 @@ def publish_data_stage(stage: str, name: str, output: str, manifest: Mapping[str
     return stage_output(output, kept=counts.get("kept"), dropped=counts.get("dropped"))
 
 
-@task(**stage_task_options("clean"), task_run_name="clean-{name}")
+@task(**stage_task_options("clean", run_name="clean-{name}"))
 def clean_task(name: str, inputs: list[str], inputs_fingerprint: str, output: str, config: dict[str, Any],
                workers: int, teacher: dict[str, Any] | None = None) -> dict[str, Any]:
     """Clean `inputs` into the dataset `output`. `inputs_fingerprint` (content hash of the raw files) is

@@ -247,14 +247,17 @@ def retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:
     return not isinstance(getattr(state, "data", None), ConanError)
 
 
-def stage_task_options(name: str, *, retries: int = TRANSIENT_RETRIES) -> dict[str, Any]:
-    """The @task options every stage shares: persisted results, input-keyed cache, retries with backoff."""
+def stage_task_options(name: str, *, run_name: str | None = None,
+                       retries: int = TRANSIENT_RETRIES) -> dict[str, Any]:
+    """The @task options every stage shares: persisted results, input-keyed cache, retries with backoff,
+    and a task-run name that is the stage's name (so the UI and the API show `pretrain`, not `pretrain-3f1`)."""
     return {
         "name": name,
+        "task_run_name": run_name or name,
         "persist_result": True,
         "cache_policy": STAGE_CACHE_POLICY,
         "retries": retries,
         "retry_delay_seconds": RETRY_DELAYS_S[:max(retries, 1)],
         "retry_condition_fn": retry_unless_bad_input,
-        "log_prints": True,
+        "log_prints": False,  # libraries print noise (one prints bytecode during eval); we log explicitly
     }

@@ -35,9 +35,15 @@ def evaluate_task(model: dict[str, Any], output_dir: str, config: dict[str, Any]
     eval_config = EvalConfig.model_validate(config)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    results, _ = call_logged("evaluate", run_eval, Path(model["path"]), tasks=eval_config.tasks,
-                             task_dirs=[Path(d) for d in eval_config.task_dirs], output=out / "results.json",
-                             config=eval_config)
+    logger = get_run_logger()
+
+    def log_task(entry: dict[str, Any]) -> None:
+        logger.info("%s (%s, %s): %s", entry.get("name"), entry.get("type"), entry.get("split"),
+                    entry.get("main_score"))
+
+    # tasks=None and no extra folders: run_eval takes both from the config (passing them too would double them)
+    results, _ = call_logged("evaluate", run_eval, Path(model["path"]), tasks=None, task_dirs=[],
+                             output=out / "results.json", config=eval_config, on_task=log_task)
     table = format_table(results)
     (out / "report.md").write_text(table + "\n", encoding="utf-8")
     publish_table("evaluate-results", [{key: task_result.get(key) for key in ("name", "type", "split", "main_score")}
@@ -45,6 +51,6 @@ def evaluate_task(model: dict[str, Any], output_dir: str, config: dict[str, Any]
                   f"evaluation: main score per task; average {results.get('average')}")
     publish_markdown("evaluate-report", table, "evaluation report (markdown table)")
     publish_link("evaluate-results-json", out / "results.json", "evaluation results JSON")
-    get_run_logger().info("evaluation average: %s\n%s", results.get("average"), table)
+    logger.info("evaluation average: %s\n%s", results.get("average"), table)
     return stage_output(out, results=str((out / "results.json").resolve()),
                         report=str((out / "report.md").resolve()), average=results.get("average"))

@@ -11,7 +11,7 @@ from tasks.clean import publish_data_stage
 from tasks.common import call_logged, stage_task_options
 
 
-@task(**stage_task_options("extract"), task_run_name="extract-{name}")
+@task(**stage_task_options("extract", run_name="extract-{name}"))
 def extract_task(name: str, inputs: list[str], inputs_fingerprint: str, output: str, config: dict[str, Any],
                  workers: int) -> dict[str, Any]:
     """Extract (prompt, response) pairs of `inputs` into the dataset `output`."""

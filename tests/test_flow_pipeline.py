@@ -1,0 +1,259 @@
+"""End to end with real Prefect on 127.0.0.1 (one server for the module) and local Ray: the tiny pipeline
+completes with every stage's artifacts; a failed stage, once fixed, reruns alone while the stages before it
+come back Cached; the prefect.yaml deployment carries its cron schedule and a `prefect deployment run` is
+picked up by a process worker and completes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from conan_core.paths import PROJECT_ROOT, shared_data_dir, work_dir
+from flows.server import PrefectServer, drain_prefect_clients, start_server, stop_server
+
+pytestmark = pytest.mark.slow
+
+STAGES = ["clean-pretrain", "clean-finetune", "extract-instruct", "init-model", "mine", "pretrain", "finetune",
+          "evaluate"]
+PREFECT = str(Path(sys.executable).parent / "prefect")
+
+
+# ---- tiny inputs: slices of the real shared data, a tiny random BERT, a drop-in STS task folder ------
+
+def _lines(path: Path, count: int, start: int = 0) -> list[str]:
+    with open(path, encoding="utf-8") as handle:
+        lines = [line.rstrip("\n") for line in handle if line.strip()]
+    return lines[start:start + count]
+
+
+def _write_inputs(root: Path) -> dict[str, Path]:
+    data = shared_data_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    bge = _lines(data / "pairs/text2vec_bge_zh/bge_finetune_data.jsonl", 60)
+    pretrain = root / "pretrain_pairs.jsonl"
+    pretrain.write_text("\n".join(json.dumps({"query": json.loads(line)["query"], "pos": json.loads(line)["pos"][:1]},
+                                             ensure_ascii=False) for line in bge[:40]) + "\n", encoding="utf-8")
+    retrieval = root / "retrieval.jsonl"
+    retrieval.write_text("\n".join(bge[40:60]) + "\n", encoding="utf-8")
+    sts = root / "sts.tsv"
+    sts.write_text("\n".join(_lines(data / "eval/chinese_stsb/train.txt", 24)) + "\n", encoding="utf-8")
+    alpaca = json.loads((data / "instruct/llamafactory_demo/alpaca_zh_demo.json").read_text(encoding="utf-8"))
+    instruct = root / "alpaca_small.json"
+    instruct.write_text(json.dumps(alpaca[:20], ensure_ascii=False), encoding="utf-8")
+    return {"pretrain": pretrain, "retrieval": retrieval, "sts": sts, "instruct": instruct}
+
+
+def _write_sts_task(folder: Path) -> Path:
+    rows = _lines(shared_data_dir() / "eval/chinese_stsb/train.txt", 30, start=200)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "task.json").write_text(json.dumps({"name": "TinySTS", "type": "STS", "lang": "zh", "split": "test"}))
+    (folder / "test.tsv").write_text("sentence1\tsentence2\tscore\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    return folder
+
+
+def _texts(paths: list[Path]) -> list[str]:
+    return [line for path in paths for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    from conan_core.testing import tiny_model
+
+    root = tmp_path_factory.mktemp("flow")
+    inputs = _write_inputs(root / "inputs")
+    model_dir = tiny_model(_texts([inputs["pretrain"]])[:10], max_seq_length=32).save(root / "tiny-model")
+    task_dir = _write_sts_task(root / "tasks" / "tiny_sts")
+    config = {
+        "data": {"pretrain": [str(inputs["pretrain"])],
+                 "finetune": [str(inputs["retrieval"]), str(inputs["sts"])],
+                 "instruct": [str(inputs["instruct"])], "workers": 0},
+        "model": {"base": str(model_dir), "max_seq_length": 32,
+                  "extend_vocab_from": [str(p) for p in inputs.values()]},
+        "clean": {"near_dedup": False},
+        "mining": {"top_k": 12, "skip_ranks": 2, "workers": 1, "dhnm": {"check_every": 2, "n_negatives": 2}},
+        "pretrain": {"steps": 3, "batch_size": 8, "checkpoint_every": 3, "max_length": 32},
+        "finetune": {"steps": 3, "retrieval_batch": 2, "sts_batch": 4, "negatives_per_rank": 2,
+                     "checkpoint_every": 3, "max_length": 32},
+        "eval": {"task_dirs": [str(task_dir)]},
+        "workers": 1,
+    }
+    config_path = root / "tiny.yaml"
+    config_path.write_text(yaml.safe_dump(config, allow_unicode=True), encoding="utf-8")
+    return {"root": root, "config": config_path, "task_dir": task_dir}
+
+
+# ---- Prefect helpers ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def server() -> PrefectServer:
+    started = start_server(Path(os.environ["PREFECT_HOME"]))
+    os.environ["PREFECT_API_URL"] = started.api_url
+    try:
+        yield started
+    finally:
+        drain_prefect_clients()
+        stop_server(started)
+        os.environ.pop("PREFECT_API_URL", None)
+
+
+def _run(server: PrefectServer, config: Path, out_dir: Path, overrides: list[str] | None = None) -> Any:
+    from flows.pipeline import run_pipeline
+
+    return run_pipeline(server.api_url, str(config), overrides=overrides, out_dir=str(out_dir))
+
+
+def _client(server: PrefectServer) -> Any:
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        return get_client(sync_client=True)
+
+
+def _task_states(server: PrefectServer, flow_run_id: Any) -> dict[str, str]:
+    """Stage (task run name) -> final state name (Completed, Cached, Failed)."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with _client(server) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    states: dict[str, str] = {}
+    for run in runs:
+        stage = run.name
+        assert stage not in states or states[stage] == run.state.name, f"{stage} ran twice in one flow run"
+        states[stage] = run.state.name
+    return states
+
+
+def _artifact_keys(server: PrefectServer, flow_run_id: Any) -> set[str]:
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with _client(server) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return {artifact.key for artifact in artifacts if artifact.key}
+
+
+def _main_scores(summary: dict[str, Any]) -> dict[str, float]:
+    results = json.loads(Path(summary["eval_results"]).read_text())
+    return {task["name"]: task["main_score"] for task in results["tasks"]}
+
+
+def _weights(model_dir: str) -> bytes:
+    return (Path(model_dir) / "model.safetensors").read_bytes()
+
+
+# ---- the tests ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def undisturbed(server: PrefectServer, tiny: dict[str, Any]) -> dict[str, Any]:
+    state = _run(server, tiny["config"], tiny["root"] / "run-a")
+    return {"state": state, "summary": state.result() if state.is_completed() else None}
+
+
+def test_tiny_pipeline_completes_with_artifacts(server: PrefectServer, undisturbed: dict[str, Any]) -> None:
+    state = undisturbed["state"]
+    assert state.is_completed(), state.message
+    states = _task_states(server, state.state_details.flow_run_id)
+    assert states == {stage: "Completed" for stage in STAGES}
+    keys = _artifact_keys(server, state.state_details.flow_run_id)
+    expected = {"clean-pretrain-counts", "clean-finetune-counts", "extract-instruct-counts", "init-model-report",
+                "init-model-dir", "mine-counts", "mine-candidates", "pretrain-curves", "pretrain-model",
+                "pretrain-progress", "finetune-curves", "finetune-model", "finetune-progress", "evaluate-results",
+                "evaluate-report", "pipeline-outputs"}
+    assert expected <= keys, expected - keys
+    summary = undisturbed["summary"]
+    assert (Path(summary["model"]) / "modules.json").is_file()
+    assert Path(summary["eval_report"]).read_text().strip()
+    assert set(_main_scores(summary)) == {"TinySTS"}
+
+
+def test_failed_stage_reruns_alone_and_matches_undisturbed_run(server: PrefectServer, tiny: dict[str, Any],
+                                                               undisturbed: dict[str, Any]) -> None:
+    missing = tiny["root"] / "tasks" / "added_later"
+    out_dir = tiny["root"] / "run-b"
+    overrides = [f"eval.task_dirs=[{missing}]"]
+
+    failed = _run(server, tiny["config"], out_dir, overrides)
+    assert failed.is_failed()
+    states = _task_states(server, failed.state_details.flow_run_id)
+    assert states == {**{stage: "Completed" for stage in STAGES[:-1]}, "evaluate": "Failed"}
+
+    shutil.copytree(tiny["task_dir"], missing)  # the fix: the task folder eval was pointed at now exists
+    rerun = _run(server, tiny["config"], out_dir, overrides)
+    assert rerun.is_completed(), rerun.message
+    states = _task_states(server, rerun.state_details.flow_run_id)
+    assert states == {**{stage: "Cached" for stage in STAGES[:-1]}, "evaluate": "Completed"}
+
+    summary, reference = rerun.result(), undisturbed["summary"]
+    assert _weights(summary["model"]) == _weights(reference["model"])
+    assert _main_scores(summary) == pytest.approx(_main_scores(reference), abs=1e-6)
+
+
+def _wait_for_flow_run(server: PrefectServer, deployment_name: str, timeout_s: float) -> Any:
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    with _client(server) as client:
+        deployment = client.read_deployment_by_name(deployment_name)
+        only_this = DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id]))
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            runs = client.read_flow_runs(deployment_filter=only_this)
+            finished = [run for run in runs if run.state and run.state.is_final()]
+            if finished:
+                return finished[0]
+            time.sleep(2)
+    raise AssertionError(f"no run of {deployment_name} finished within {timeout_s:.0f} s")
+
+
+def _stop_worker(worker: subprocess.Popen) -> None:
+    """A process worker needs SIGINT twice to stop (measured here); SIGKILL its group if it still lingers."""
+    for _ in range(2):
+        if worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGINT)
+            try:
+                worker.wait(timeout=8)
+            except subprocess.TimeoutExpired:
+                pass
+    if worker.poll() is None:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait(timeout=10)
+
+
+def test_deployment_has_cron_and_a_triggered_run_completes(server: PrefectServer, tiny: dict[str, Any],
+                                                            undisturbed: dict[str, Any]) -> None:
+    env = dict(os.environ, PREFECT_API_URL=server.api_url, PREFECT_WORKER_QUERY_SECONDS="2",
+               PREFECT_WORKER_PREFETCH_SECONDS="2")
+    prefect_yaml = PROJECT_ROOT / "deployments" / "prefect.yaml"
+    subprocess.run([PREFECT, "work-pool", "create", "conan-process", "--type", "process"], env=env, check=True,
+                   cwd=PROJECT_ROOT, capture_output=True, timeout=60)
+    subprocess.run([PREFECT, "--no-prompt", "deploy", "--all", "--prefect-file", str(prefect_yaml)], env=env,
+                   check=True, cwd=PROJECT_ROOT, capture_output=True, timeout=120)
+    with _client(server) as client:
+        deployment = client.read_deployment_by_name("conan-pipeline/conan-nightly")
+    crons = [schedule.schedule.cron for schedule in deployment.schedules]
+    assert crons == [yaml.safe_load(prefect_yaml.read_text())["deployments"][0]["schedules"][0]["cron"]]
+
+    log = open(work_dir() / "worker.log", "wb")
+    worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "conan-process"], env=env, cwd=PROJECT_ROOT,
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        params = json.dumps({"config": str(tiny["config"]), "out_dir": str(tiny["root"] / "run-a")})
+        subprocess.run([PREFECT, "deployment", "run", "conan-pipeline/conan-nightly", "--params", params],
+                       env=env, check=True, cwd=PROJECT_ROOT, capture_output=True, timeout=60)
+        run = _wait_for_flow_run(server, "conan-pipeline/conan-nightly", timeout_s=240)
+    finally:
+        _stop_worker(worker)
+        log.close()
+    assert run.state.is_completed(), (run.state.message, (work_dir() / "worker.log").read_text()[-3000:])
+    # Same config and out dir as the undisturbed run, in another process: every stage comes from the cache.
+    assert _task_states(server, run.id) == {stage: "Cached" for stage in STAGES}
