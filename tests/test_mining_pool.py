@@ -224,4 +224,30 @@ def test_empty_query_set_is_a_clear_error(tmp_path: Path) -> None:
     records = [make_record(kind="sts", query="a b", positive="c d", score=1.0, source="t", lang="en")]
     path = write_records(tmp_path / "ds", records)
     with pytest.raises(ConanError, match="no query records"):
-        run_mine("unused", path, tmp_path / "out", MiningConfig())
+        run_mine("unused", path, tmp_path / "out", MiningConfig(), encoder_factory=Factory(HashEncoder()))
+
+
+@pytest.mark.slow
+def test_cli_mine_writes_candidates(ray_running, data_dir: Path, model_dir: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from conan_cli.main import app
+
+    result = CliRunner().invoke(app, ["mine", "--model", str(model_dir), "--data", str(data_dir),
+                                      "--out", str(tmp_path / "c"), "--top-k", "12", "--workers", "1",
+                                      "--index", "ivf"])
+    assert result.exit_code == 0, result.output
+    assert "mined by" in result.output
+    lists = CandidateLists.load(tmp_path / "c")
+    assert len(lists.queries) == 40 and all(len(q.doc_ids) == 12 for q in lists.queries.values())
+
+
+def test_cli_mine_bad_model_is_one_line(data_dir: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from conan_cli.main import app
+
+    result = CliRunner().invoke(app, ["mine", "--model", str(tmp_path / "nope"), "--data", str(data_dir),
+                                      "--out", str(tmp_path / "c")])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [f"error: {tmp_path / 'nope'}: not a model dir (no config.json)"]

@@ -23,7 +23,7 @@ import numpy as np
 import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
-from conan_core.errors import ConanError
+from conan_core.errors import ConanError, ModelLoadError
 from conan_core.io.dataset import read_dataset, read_manifest
 from conan_core.mining.candidates import CandidateLists, QueryCandidates, write_candidates
 from conan_core.mining.config import MiningConfig
@@ -65,6 +65,15 @@ class ModelEncoderFactory:
         from conan_core.model import ConanEmbedder
 
         return ConanEmbedder.load(self.model_path)
+
+
+def _encoder_factory(model_path: str | Path, given: Callable[[], Encoder] | None) -> Callable[[], Encoder]:
+    """The given factory, or the model dir's after a cheap check here (an actor's failure is less clear)."""
+    if given is not None:
+        return given
+    if not (Path(model_path) / "config.json").is_file():
+        raise ModelLoadError(f"{model_path}: not a model dir (no config.json)")
+    return ModelEncoderFactory(model_path)
 
 
 # ---- Ray session ------------------------------------------------------------------------------------
@@ -336,6 +345,7 @@ def run_mine(model_path: str | Path, data_dir: str | Path, out_dir: str | Path, 
     """
     started = time.perf_counter()
     data_dir, out_dir = Path(data_dir), Path(out_dir)
+    factory = _encoder_factory(model_path, encoder_factory)
     records = query_records(read_dataset(data_dir), config)
     if not records:
         raise ConanError(f"{data_dir}: no query records (kinds {config.query_kinds} with a positive) to mine for")
@@ -345,7 +355,6 @@ def run_mine(model_path: str | Path, data_dir: str | Path, out_dir: str | Path, 
     write_corpus(corpus_out, texts, shard_rows=config.shard_rows, inputs=[source_dir / "manifest.json"])
     shards = shard_refs(corpus_out)
     doc_ids = read_dataset(corpus_out).column("doc_id").to_pylist()
-    factory = encoder_factory or ModelEncoderFactory(model_path)
     with ray_session(), MiningPool(factory, config, pool_size(config, len(shards), workers)) as pool:
         mined = mine(pool, shards, doc_ids, texts, records, config)
         stats = {"actors": pool.size, "actor_restarts": pool.restarts, "shards_encoded": pool.encoded_shards}
@@ -376,7 +385,7 @@ def remine(model_path: str | Path, candidates: str | Path | CandidateLists, quer
     shards = shard_refs(Path(old.corpus_dir))
     corpus = read_dataset(Path(old.corpus_dir))
     doc_ids, texts = corpus.column("doc_id").to_pylist(), corpus.column("text").to_pylist()
-    factory = encoder_factory or ModelEncoderFactory(model_path)
+    factory = _encoder_factory(model_path, encoder_factory)
     with ray_session(), MiningPool(factory, config, pool_size(config, len(shards), workers)) as pool:
         mined = mine(pool, shards, doc_ids, texts, {q: old.queries[q] for q in wanted}, config) if wanted else {}
         stats = {"actors": pool.size, "actor_restarts": pool.restarts, "shards_encoded": pool.encoded_shards,
