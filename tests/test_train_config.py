@@ -1,0 +1,54 @@
+"""Config composition, overrides, and the train CLI's validation (no training)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conan_cli.main import app
+from conan_core.config import ConfigError, load_config, load_section
+from conan_core.train.config import FinetuneConfig, PretrainConfig
+
+
+def test_pipeline_config_defaults_are_the_papers():
+    config = load_config(None)
+    assert (config.pretrain.lr, config.pretrain.warmup_ratio, config.pretrain.weight_decay) == (1e-5, 0.05, 0.001)
+    assert (config.finetune.retrieval_batch, config.finetune.sts_batch, config.finetune.beta) == (4, 32, 0.8)
+
+
+def test_yaml_and_overrides(tmp_path: Path):
+    path = tmp_path / "c.yaml"
+    path.write_text("pretrain:\n  lr: 0.001\n  steps: 10\nfinetune:\n  layout: {retrieval_group: 3}\n")
+    config = load_config(path, ["pretrain.steps=20", "finetune.mode=vanilla", "data.pretrain=[a, b]"])
+    assert config.pretrain.lr == 1e-3 and config.pretrain.steps == 20
+    assert config.finetune.layout.retrieval_group == 3 and config.finetune.mode == "vanilla"
+    assert config.data.pretrain == ["a", "b"]
+    section = load_section(FinetuneConfig, "finetune", path, {"beta": 0.5})
+    assert section.layout.retrieval_group == 3 and section.beta == 0.5
+    alone = tmp_path / "p.yaml"
+    alone.write_text("batch_size: 16\n")
+    assert load_section(PretrainConfig, "pretrain", alone).batch_size == 16
+
+
+@pytest.mark.parametrize("override, message", [
+    (["pretrain.lrr=1"], "pretrain.lrr: Extra inputs"),
+    (["finetune.mode=sometimes"], "finetune.mode"),
+    (["pretrain.batch_size=0"], "pretrain.batch_size"),
+    (["nonsense"], "not of the form"),
+])
+def test_bad_config_is_one_line(override, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(None, override)
+    assert "\n" not in str(info.value)
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path: Path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["train", "pretrain", "--data", str(tmp_path), "--model", "all-MiniLM-L6-v2",
+                                 "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "no manifest.json" in result.output
+    result = runner.invoke(app, ["train", "finetune", "--data", str(tmp_path), "--model", "x", "--out",
+                                 str(tmp_path / "o"), "--set", "layout.sts_workers=-1"])
+    assert result.exit_code == 2 and "layout.sts_workers" in result.output
