@@ -11,7 +11,7 @@ import pytest
 from conan_core.clean.config import CleanConfig
 from conan_core.clean.dedup import NearDuplicateIndex, signatures
 from conan_core.clean.normalise import approx_token_count, detect_lang, normalise_text
-from conan_core.clean.stage import UnitOutput, filter_records, overlap_key, run_clean
+from conan_core.clean.stage import UnitOutput, eval_match_keys, filter_records, overlap_key, run_clean
 from conan_core.io.dataset import read_dataset, read_quarantine
 from conan_core.schema import make_record
 
@@ -123,13 +123,16 @@ def test_teacher_filter_drops_low_scores_and_keeps_the_column(tmp_path: Path) ->
     assert read_quarantine(tmp_path / "out").column("teacher_score").to_pylist() == pytest.approx([0.0])
 
 
-def test_decontamination_drops_rows_sharing_an_eval_text() -> None:
-    records = [make_record(kind="pair", query="训练用的问题", positive="评测 集里的 句子", source="s", lang="zh"),
-               make_record(kind="pair", query="另一个问题", positive="另一个答案", source="s", lang="zh")]
+def test_decontamination_drops_eval_pairs_and_eval_texts() -> None:
+    eval_pair = make_record(kind="sts", query="评测 集里的 句子", positive="另一句", score=1.0, source="e", lang="zh")
+    eval_keys = frozenset(eval_match_keys(eval_pair)[:1] + ["t:" + overlap_key("评测分类文本")])
+    records = [make_record(kind="pair", query="另一句", positive="评测集里的句子", source="s", lang="zh"),  # same pair
+               make_record(kind="pair", query="评测集里的句子", positive="新的答案", source="s", lang="zh"),  # one text
+               make_record(kind="classification", query="评测 分类文本", label="x", source="s", lang="zh")]
     out = UnitOutput()
-    filter_records(records, CleanConfig(), frozenset({overlap_key("评测集里的句子")}), out)
-    assert [r["query"] for r in out.records] == ["另一个问题"]
-    assert [q["reason"] for q in out.quarantine] == ["eval_overlap"]
+    filter_records(records, CleanConfig(), eval_keys, out)
+    assert [r["positive"] for r in out.records] == ["新的答案"]
+    assert [q["reason"] for q in out.quarantine] == ["eval_overlap", "eval_overlap"]
 
 
 def test_language_and_length_options(tmp_path: Path) -> None:

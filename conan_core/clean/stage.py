@@ -76,8 +76,7 @@ def filter_records(records: list[dict[str, Any]], config: CleanConfig, eval_keys
     for record in records:
         clean = normalise_record(record, config)
         reason = rule_reason(clean, config)
-        if reason is None and eval_keys and (overlap_key(clean["query"]) in eval_keys
-                                             or overlap_key(clean["positive"]) in eval_keys):
+        if reason is None and eval_keys and any(key in eval_keys for key in eval_match_keys(clean)):
             reason = EVAL_OVERLAP
         if reason:
             out.quarantine.append(make_quarantine_row(source=clean["source"], reason=reason, raw=_raw(record),
@@ -110,16 +109,31 @@ def _is_eval_path(path: str) -> bool:
     return key in EVAL_FILES
 
 
+def eval_match_keys(record: dict[str, Any]) -> list[str]:
+    """Keys under which a record collides with an eval example.
+
+    A classification text collides with any eval text (`t:`); a pair-like row collides with an eval
+    pair of the same two texts in either order (`p:`). Pair tasks reuse sentences across pairs by
+    design (SICK, STS-B), so a shared single sentence is not a leak, a shared pair is.
+    """
+    query = overlap_key(record["query"])
+    if record["kind"] == KIND_CLASSIFICATION or not record["positive"]:
+        return [f"t:{query}"]
+    positive = overlap_key(record["positive"])
+    return [f"p:{query}\x1f{positive}", f"p:{positive}\x1f{query}"]
+
+
 def load_eval_keys() -> frozenset[str]:
-    """Overlap keys of every side of every catalogued eval split that is present on disk."""
+    """Match keys (see eval_match_keys) of every catalogued eval split that is present on disk."""
     keys: set[str] = set()
     for relative in EVAL_TEXT_FILES:
         path = shared_data_dir() / relative
         if not path.exists():
             continue
         for record in read_unit(ReadUnit(str(path), EVAL_FILES[relative])).records:
-            keys.update(overlap_key(text) for text in (record["query"], record["positive"]) if text)
-    keys.discard("")
+            keys.update(f"t:{overlap_key(text)}" for text in (record["query"], record["positive"]) if text)
+            if record["positive"]:
+                keys.add(eval_match_keys(record)[0])
     return frozenset(keys)
 
 
