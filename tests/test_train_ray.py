@@ -47,7 +47,8 @@ def test_finetune_survives_a_worker_crash_and_resumes_exactly(tmp_path: Path, ra
     config = FinetuneConfig(steps=8, checkpoint_every=2, log_batch_ids=True, retrieval_batch=4, sts_batch=4,
                             negatives_per_rank=2, lr=1e-3, max_failures=1,
                             layout=LayoutConfig(retrieval_group=2, sts_workers=1))
-    mining = MiningConfig(skip_ranks=2, dhnm=DHNMConfig(check_every=2, remine_between_epochs="off"))
+    # 16 queries / batch 4: an epoch ends after step 4, then all lists are re-mined (not after the last step)
+    mining = MiningConfig(skip_ranks=2, top_k=20, dhnm=DHNMConfig(check_every=2, remine_between_epochs="all"))
     marker = tmp_path / "crashed"
     progress = []
     result = run_finetune(config, [data], model, tmp_path / "out", candidates_dir=cands, mining=mining, workers=2,
@@ -63,6 +64,8 @@ def test_finetune_survives_a_worker_crash_and_resumes_exactly(tmp_path: Path, ra
     hardness = [json.loads(line) for line in result.hardness_path.read_text().splitlines()]
     assert {h["kind"] for h in hardness} == {"step", "check"} and result.hardness_plot.is_file()
     assert sorted({h["step"] for h in hardness if h["kind"] == "step"}) == list(range(1, 9))
+    assert [r["step"] for r in rows if "dhnm_remined_queries" in r] == [4]
+    assert (tmp_path / "out" / "remine" / "step-4" / "candidates" / "manifest.json").is_file()
     trained = ConanEmbedder.load(result.model_dir)
     assert trained.config.stages[-1]["steps"] == 8 and trained.config.stages[-1]["dhnm"] is True
     assert result.plot_path.is_file() and list((tmp_path / "out" / "tensorboard").iterdir())

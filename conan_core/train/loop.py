@@ -77,11 +77,12 @@ def train_loop(spec: dict[str, Any]) -> None:
                      bf16=config.bf16 and device.type == "cuda")
     task = _build_task(stage, config, spec, encode, world.rank)
     total = total_steps(config, task.steps_per_epoch())
+    task.last_step = total
     start = _restore(model, optimizer, task, out_dir, world.rank)
     log = MetricsLog(out_dir, resume_step=start) if world.rank == 0 else None
     try:
         for step in range(start + 1, total + 1):
-            metrics = _train_step(step, total, config, model, optimizer, task, encode)
+            metrics = train_step(step, total, config, model, optimizer, task, encode)
             _maybe_crash(spec.get("fault_injection"), step, world.rank)
             if log is not None and (step % config.log_every == 0 or step == total):
                 log.write(metrics)
@@ -97,8 +98,17 @@ def train_loop(spec: dict[str, Any]) -> None:
 def _build_task(stage: str, config: TrainCommon, spec: dict[str, Any], encode: Encoder, rank: int):
     if stage == "pretrain":
         return PretrainTask(config, spec["data_dirs"], encode.bank, encode)
-    return FinetuneTask(config, spec["data_dirs"], encode.bank, encode,
-                        dyn=_dynamic_negatives(config, spec, rank))
+    dyn = _dynamic_negatives(config, spec, rank)
+    mining = _mining_config(spec) if dyn is not None else None
+    remine_dir = Path(spec["out_dir"]) if mining and mining.dhnm.remine_between_epochs != "off" else None
+    return FinetuneTask(config, spec["data_dirs"], encode.bank, encode, dyn=dyn, mining=mining,
+                        out_dir=remine_dir)
+
+
+def _mining_config(spec: dict[str, Any]):
+    from conan_core.mining.config import MiningConfig
+
+    return MiningConfig.model_validate(spec.get("mining") or {})
 
 
 def _dynamic_negatives(config: FinetuneConfig, spec: dict[str, Any], rank: int):
@@ -107,10 +117,9 @@ def _dynamic_negatives(config: FinetuneConfig, spec: dict[str, Any], rank: int):
     if not spec.get("candidates_dir") or not config.dhnm or config.mode != "cbb":
         return None
     from conan_core.mining.candidates import CandidateLists
-    from conan_core.mining.config import MiningConfig
     from conan_core.mining.dhnm import DynamicNegatives
 
-    mining = MiningConfig.model_validate(spec.get("mining") or {})
+    mining = _mining_config(spec)
     if not mining.dhnm.enabled:
         return None
     metrics = Path(spec["out_dir"]) / HARDNESS_FILE if rank == 0 else None
@@ -139,7 +148,7 @@ def _restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, task, out
     return state.step
 
 
-def _train_step(step: int, total: int, config: TrainCommon, model: torch.nn.Module,
+def train_step(step: int, total: int, config: TrainCommon, model: torch.nn.Module,
                 optimizer: torch.optim.Optimizer, task, encode: Encoder) -> dict[str, Any]:
     started = time.perf_counter()
     tokens_before = encode.tokens

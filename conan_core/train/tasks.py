@@ -103,8 +103,10 @@ class FinetuneTask:
     stream_names = ("retrieval", "sts")
 
     def __init__(self, config: FinetuneConfig, data_dirs: Sequence[str | Path], bank: TokenBank,
-                 encode: Encoder, *, dyn: Any = None) -> None:
+                 encode: Encoder, *, dyn: Any = None, mining: Any = None, out_dir: Path | None = None) -> None:
         self.config, self.encode, self.dyn = config, encode, dyn
+        self.mining, self.out_dir = mining, out_dir  # for the between-epoch re-mine (rank 0 writes there)
+        self.last_step = 2**62  # the loop sets the run's total: no re-mine after the last step
         self.world = world_info()
         layout = config.layout
         self.n_total = layout.retrieval_group * config.negatives_per_rank
@@ -199,14 +201,45 @@ class FinetuneTask:
         if known:
             self.dyn.observe([query_ids[j] for j in known], scores[known].float().cpu().numpy())
         check = self.dyn.maybe_check(step)
-        return {f"dhnm_{k}": v for k, v in (check or {}).items() if isinstance(v, int | float) and k != "step"}
+        metrics = {f"dhnm_{k}": v for k, v in (check or {}).items() if isinstance(v, int | float) and k != "step"}
+        stream = self.streams["retrieval"].state
+        if stream.index == 0 and stream.epoch > 0 and self.out_dir is not None and step < self.last_step:
+            metrics.update(self._remine(step))
+        return metrics
+
+    def _remine(self, step: int) -> dict[str, Any]:
+        """Between epochs: rank 0 re-mines the candidate lists with the current weights (the actor pool of
+        `conan mine`) and every worker adopts the new lists, so all keep the same negatives."""
+        from conan_core.mining.candidates import CandidateLists
+
+        queries = self.dyn.queries_to_remine()
+        if queries == []:
+            return {}
+        path: list[str | None] = [None]
+        if self.world.rank == 0:
+            from conan_core.mining.pool import remine
+
+            model_dir = self.encode.model.save(self.out_dir / "remine" / f"step-{step}" / "model")
+            new = remine(model_dir, self.dyn.candidates, queries, config=self.mining,
+                         out_dir=self.out_dir / "remine" / f"step-{step}" / "candidates")
+            path = [str(new.path)]
+        if self.world.size > 1:
+            dist.broadcast_object_list(path, src=0)
+        self.dyn.replace_candidates(CandidateLists.load(Path(path[0])))
+        return {"dhnm_remined_queries": len(queries) if queries is not None else len(self.dyn.candidates.queries)}
 
     def state_dict(self) -> dict[str, Any] | None:
         return self.dyn.state_dict() if self.dyn is not None else None
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
-        if self.dyn is not None and state is not None:
-            self.dyn.load_state_dict(state)
+        """Restore DHNM; when the checkpoint was taken after a re-mine, adopt those lists first."""
+        if self.dyn is None or state is None:
+            return
+        if state["candidates_fingerprint"] != self.dyn.candidates.fingerprint and state.get("candidates_dir"):
+            from conan_core.mining.candidates import CandidateLists
+
+            self.dyn.replace_candidates(CandidateLists.load(Path(state["candidates_dir"])))
+        self.dyn.load_state_dict(state)
 
 
 def _fill_missing_negatives(negatives: list[list[str]], positives: list[str], count: int, seed: int) -> None:
