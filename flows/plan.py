@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from conan_core.io.catalog import resolve_inputs
+from conan_core.paths import shared_data_dir
 from tasks.common import fingerprint_path, fingerprint_paths
 from tasks.evaluate import task_dirs_fingerprint
 
@@ -26,13 +27,27 @@ class StagePlan:
     evaluate: dict[str, Any]
 
 
+SHARED_PREFIX = "shared:"
+
+
+def resolve_input(item: str | Path) -> str:
+    """A config input as the stages take it: `shared:<path>` is a file of the shared data dir
+    (CONAN_DATA_DIR, so configs do not hard-code where the data lives), `group:<name>` a catalog group,
+    anything else a path."""
+    text = str(item)
+    if text.startswith(SHARED_PREFIX):
+        return str(shared_data_dir() / text.removeprefix(SHARED_PREFIX))
+    return text
+
+
 def input_files(inputs: list[str]) -> list[Path]:
     """The raw files behind a stage's inputs (`group:<name>` expands through the data catalog)."""
-    return sorted({path for path, _spec in resolve_inputs(list(inputs))})
+    return sorted({path for path, _spec in resolve_inputs([resolve_input(i) for i in inputs])})
 
 
 def _data_stage(name: str, inputs: list[str], output: Path, config: Any, workers: int) -> dict[str, Any]:
-    return {"name": name, "inputs": list(inputs), "inputs_fingerprint": fingerprint_paths(input_files(inputs)),
+    inputs = [resolve_input(item) for item in inputs]
+    return {"name": name, "inputs": inputs, "inputs_fingerprint": fingerprint_paths(input_files(inputs)),
             "output": str(output), "config": config.model_dump(mode="json"), "workers": workers}
 
 

@@ -76,7 +76,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     config = {
         "data": {"pretrain": [str(inputs["pretrain"])],
                  "finetune": [str(inputs["retrieval"]), str(inputs["sts"])],
-                 "instruct": [str(inputs["instruct"])], "workers": 0},
+                 "instruct": [str(inputs["instruct"])], "workers": 1},
         "model": {"base": str(model_dir), "max_seq_length": 32,
                   "extend_vocab_from": [str(p) for p in inputs.values()]},
         "clean": {"near_dedup": False},

@@ -116,3 +116,19 @@ def test_bad_input_is_not_retried_but_other_failures_are() -> None:
 
 def test_health_probe_of_a_closed_port_is_false() -> None:
     assert not api_is_healthy(f"http://127.0.0.1:{free_port()}/api", timeout_s=0.5)
+
+
+def test_shared_inputs_resolve_against_the_data_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from flows.plan import resolve_input
+
+    monkeypatch.setenv("CONAN_DATA_DIR", str(tmp_path))
+    assert resolve_input("shared:pairs/a.jsonl") == str(tmp_path.resolve() / "pairs" / "a.jsonl")
+    assert resolve_input("group:finetune") == "group:finetune"
+    assert resolve_input("/abs/file.tsv") == "/abs/file.tsv"
+
+
+def test_missing_config_is_a_one_line_error(tmp_path: Path) -> None:
+    from flows.pipeline import resolve_config_path
+
+    with pytest.raises(ConanError, match="config file not found"):
+        resolve_config_path(tmp_path / "nope.yaml")
