@@ -36,8 +36,12 @@ def eval_model(
     seed: Annotated[int, typer.Option(help="Seed of the subsampling and of mteb's evaluators.")] = 42,
 ) -> None:
     """Score a model with mteb's evaluators; prints a markdown table and writes the JSON result."""
+    import datasets
+
     from conan_core.eval.config import EvalConfig
     from conan_core.eval.run import format_table, run_eval
+
+    datasets.disable_progress_bars()  # mteb's per-task dataset maps would flood the terminal
 
     config = EvalConfig(batch_size=batch_size, max_pairs=max_pairs, max_docs=max_docs, max_queries=max_queries,
                         seed=seed)
