@@ -171,9 +171,13 @@ class MiningPool:
         # Fractional CPUs so the pool also fits beside a running trainer (0 = schedule anyway).
         self._num_cpus = min(1.0, available / self.size) if available >= 0.01 * self.size else 0.0
         self._actors = [self._new_actor() for _ in range(self.size)]
-        fingerprints = set(self._run([(slot, lambda a: a.fingerprint.remote()) for slot in range(self.size)]))
-        if len(fingerprints) != 1:
-            raise ConanError(f"mining actors loaded different models: {sorted(fingerprints)}")
+        try:
+            fingerprints = set(self._run([(slot, lambda a: a.fingerprint.remote()) for slot in range(self.size)]))
+            if len(fingerprints) != 1:
+                raise ConanError(f"mining actors loaded different models: {sorted(fingerprints)}")
+        except BaseException:
+            self.close()  # no __exit__ for a pool that never finished starting
+            raise
         self.fingerprint = fingerprints.pop()
 
     def _new_actor(self) -> Any:
