@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import string
-import tempfile
 from collections.abc import Iterable
-from pathlib import Path
 
 from conan_core.model import ConanEmbedder, ModelConfig
 
@@ -28,10 +26,9 @@ def tiny_model(vocab_texts: Iterable[str] = (), *, expand_dim: int | None = None
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
     torch.manual_seed(seed)
-    with tempfile.TemporaryDirectory() as tmp:
-        vocab_file = Path(tmp) / "vocab.txt"
-        vocab_file.write_text("\n".join(tiny_vocab(vocab_texts)) + "\n")
-        tokenizer = BertTokenizerFast(vocab_file=str(vocab_file), do_lower_case=True)
+    # transformers 5 takes the WordPiece vocabulary as `vocab` (a {token: id} dict); `vocab_file=` is ignored.
+    vocab = {token: index for index, token in enumerate(tiny_vocab(vocab_texts))}
+    tokenizer = BertTokenizerFast(vocab=vocab, do_lower_case=True)
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
                         attention_probs_dropout_prob=0.0)
