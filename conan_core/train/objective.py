@@ -43,8 +43,9 @@ class Encoder:
     tokens: int = 0  # real (non-padding) tokens encoded so far, for tokens/s
 
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:
-        features = {k: v.to(self.device, non_blocking=True) for k, v in self.bank.features(texts).items()}
-        self.tokens += int(features["attention_mask"].sum())
+        features = self.bank.features(texts)
+        self.tokens += int(features["attention_mask"].sum())  # counted on the CPU copy: no device sync
+        features = {k: v.to(self.device, non_blocking=True) for k, v in features.items()}
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             return self.model(features).float()
 
