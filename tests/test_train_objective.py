@@ -40,13 +40,14 @@ def _batch_for(roles) -> CbbWorkerBatch:
     return batch
 
 
-def _objective(world: int, rank: int, share: bool = True, tasks=("retrieval", "sts")):
+def _objective(world: int, rank: int, share: bool = True, tasks=("retrieval", "sts"), neg_scores: bool = False):
     model = tiny_model(seed=0)
     roles = tuple(assign_roles(LAYOUT, world))
     encode = Encoder(model, TokenBank(model.tokenizer, 32), torch.device("cpu"))
     shape = CbbShape(roles, B, N_PER_RANK, STS, model.dim)
     out = cbb_objective(encode, _batch_for(roles[rank]), shape, temperature=0.05, beta=0.8, scale=20.0,
-                        in_batch=False, matryoshka=MRL, share_negatives=share, tasks=tasks)
+                        in_batch=False, matryoshka=MRL, share_negatives=share, tasks=tasks,
+                        neg_scores=neg_scores)
     out.objective.backward()
     params = list(model.parameters())
     average_gradients(params)
@@ -123,6 +124,15 @@ def test_vanilla_uses_each_ranks_own_negatives_only():
             per_rank.append(MRL(lambda q_, p_, n_: cbb_loss(q_, p_, n_, None, None, None)[0], q, p, negs))
     torch.testing.assert_close(out.retrieval_loss, sum(per_rank) / 2)
     assert out.sts_loss is None
+
+
+def test_vanilla_reports_the_same_negative_scores_as_cbb_for_dhnm():
+    cbb, _ = _objective(world=1, rank=0)
+    vanilla, _ = _objective(world=1, rank=0, share=False, tasks=("retrieval",), neg_scores=True)
+    assert vanilla.neg_scores.shape == (B, 2 * N_PER_RANK)
+    torch.testing.assert_close(vanilla.neg_scores, cbb.neg_scores)
+    without, _ = _objective(world=1, rank=0, share=False, tasks=("retrieval",))
+    assert without.neg_scores is None
 
 
 def test_layout_refuses_idle_workers():

@@ -117,9 +117,9 @@ def _mining_config(spec: dict[str, Any]):
 
 
 def _dynamic_negatives(config: FinetuneConfig, spec: dict[str, Any], rank: int):
-    """DHNM over the candidate lists, when a candidates dir is given (CBB mode only: vanilla is the
-    paper's baseline without DHNM)."""
-    if not spec.get("candidates_dir") or not config.dhnm or config.mode != "cbb":
+    """DHNM over the candidate lists, when a candidates dir is given and `dhnm` is on (in either mode:
+    the ablation's "+DHNM" row is vanilla task sampling with dynamic negatives)."""
+    if not spec.get("candidates_dir") or not config.dhnm:
         return None
     from conan_core.mining.candidates import CandidateLists
     from conan_core.mining.dhnm import DynamicNegatives

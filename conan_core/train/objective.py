@@ -95,12 +95,15 @@ class CbbStepOutput:
 
 def cbb_objective(encode: Encoder, batch: CbbWorkerBatch, shape: CbbShape, *, temperature: float,
                   beta: float, scale: float, in_batch: bool, matryoshka: MatryoshkaLoss,
-                  tasks: tuple[str, ...] = ("retrieval", "sts"), share_negatives: bool = True) -> CbbStepOutput:
+                  tasks: tuple[str, ...] = ("retrieval", "sts"), share_negatives: bool = True,
+                  neg_scores: bool = False) -> CbbStepOutput:
     """This worker's objective for the step (see the module docstring for the scaling).
 
     tasks: which terms this step carries (CBB: both; vanilla: one). share_negatives=False gives the
     vanilla retrieval loss: each group rank's queries see only that rank's negatives.
-    Every worker must call this with the same `tasks` (the gathers are collective).
+    neg_scores=True: in vanilla mode too, return every query's cosines to the negatives of all group
+    ranks (gathered without gradient), which DHNM needs; CBB mode always has them.
+    Every worker must call this with the same `tasks` and flags (the gathers are collective).
     """
     info = world_info()
     mine = shape.roles[info.rank]
@@ -144,6 +147,8 @@ def cbb_objective(encode: Encoder, batch: CbbWorkerBatch, shape: CbbShape, *, te
                                                       in_batch=in_batch, matryoshka=matryoshka)
         if term is not None:
             objective = objective + info.size * term
+        if neg_scores:
+            out.neg_scores = _vanilla_negative_scores(q, negs, shape, dim, encode.device)
     if use_sts:
         all_a, all_b = gathered
         all_scores = gather_segments([Segment(scores, sts_blocks, shape.sts_batch)], None, encode.device,
@@ -155,6 +160,20 @@ def cbb_objective(encode: Encoder, batch: CbbWorkerBatch, shape: CbbShape, *, te
             out.sts_loss = loss.detach()
     out.objective = objective
     return out
+
+
+def _vanilla_negative_scores(q, negs, shape: CbbShape, dim: int, device: torch.device) -> torch.Tensor | None:
+    """[B, G*n] cosines of each query to the negatives of every group rank, for DHNM in vanilla mode.
+    The negatives are gathered detached: scores are observations, not part of the loss."""
+    rows, n = shape.retrieval_batch, shape.negatives_per_rank
+    segment = Segment(negs.detach() if negs is not None else None, tuple(r.retrieval_ranks for r in shape.roles),
+                      rows * n)
+    all_negs = gather_segments([segment], dim, device, grad=False)[0][0]
+    if q is None:
+        return None
+    group = all_negs.shape[0] // (rows * n)
+    all_negs = all_negs.view(group, rows, n, dim).permute(1, 0, 2, 3).reshape(rows, group * n, dim)
+    return query_negative_scores(q.detach(), all_negs)
 
 
 def _vanilla_retrieval(q, p, negs, shape: CbbShape, mine: WorkerRoles, *, temperature: float, in_batch: bool,

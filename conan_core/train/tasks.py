@@ -179,7 +179,7 @@ class FinetuneTask:
         out = cbb_objective(self.encode, batch, self.shape, temperature=self.config.temperature,
                             beta=self.config.beta, scale=self.config.cosent_scale,
                             in_batch=self.config.in_batch_negatives, matryoshka=self.matryoshka, tasks=tasks,
-                            share_negatives=self.config.mode == "cbb")
+                            share_negatives=self.config.mode == "cbb", neg_scores=self.dyn is not None)
         return StepResult(out.objective, {"loss_retrieval": out.retrieval_loss, "loss_sts": out.sts_loss},
                           pairs, ids, {"query_index": query_index, "neg_scores": out.neg_scores,
                                        "tasks": tasks})
