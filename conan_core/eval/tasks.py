@@ -146,8 +146,9 @@ def _csl_rows(path: Path) -> list[tuple[str, str]]:
 
 
 def _cls_s2s(folder: Path) -> LabelledTexts:
-    """Paper titles of all CSL cls_ctg splits, labelled with their 13 coarse categories."""
-    rows = [row for split in ("train", "dev", "test") for row in _csl_rows(folder / "cls_ctg" / f"{split}.tsv")]
+    """Paper titles of the CSL cls_ctg test split, labelled with their 13 coarse categories. Only test:
+    the dev papers' titles and abstracts are pretraining pairs (pairs/csl_title_keywords_abstract)."""
+    rows = _csl_rows(folder / "cls_ctg" / "test.tsv")
     data = LabelledTexts([t for t, _ in rows], [lb for _, lb in rows])
     check_labelled(folder, data)
     return data
@@ -155,9 +156,9 @@ def _cls_s2s(folder: Path) -> LabelledTexts:
 
 def _cls_p2p(folder: Path) -> LabelledTexts:
     """Title + abstract, labelled with the 13 categories: cls_ctg (titles) and cls_dcp (abstracts) list the
-    same papers in the same order in their dev and test files."""
+    same papers in the same order. Only test: the dev papers are pretraining pairs."""
     data = LabelledTexts([], [])
-    for split in ("dev", "test"):
+    for split in ("test",):
         titles = _csl_rows(folder / "cls_ctg" / f"{split}.tsv")
         abstracts = _csl_rows(folder / "cls_dcp" / f"{split}.tsv")
         if len(titles) != len(abstracts):
@@ -215,12 +216,12 @@ def _specs(root: Path) -> list[TaskSpec]:
                  partial(_review_csv, root / "online_shopping_10_cats/online_shopping_10_cats.csv"),
                  mteb_options=_CMTEB_CLASSIFICATION,
                  note="sentiment; seeded 1,000 test / 8,000 train rows (C-MTEB's sizes, not its rows)"),
-        TaskSpec("CLSClusteringS2S", "Clustering", "zh", "all", "csl_cls/cls_ctg",
+        TaskSpec("CLSClusteringS2S", "Clustering", "zh", "test", "csl_cls/cls_ctg/test.tsv",
                  partial(_cls_s2s, root / "csl_cls"), mteb_options=_CLS_CLUSTERING,
-                 note="10,000 CSL titles, 13 categories; 2,048 sampled per run as mteb's v2"),
-        TaskSpec("CLSClusteringP2P", "Clustering", "zh", "dev_test", "csl_cls",
+                 note="1,000 CSL test titles, 13 categories (train/dev papers overlap pretraining pairs)"),
+        TaskSpec("CLSClusteringP2P", "Clustering", "zh", "test", "csl_cls",
                  partial(_cls_p2p, root / "csl_cls"), mteb_options=_CLS_CLUSTERING,
-                 note="2,000 CSL title+abstract, 13 categories (cls_dcp train is not on disk)"),
+                 note="1,000 CSL test title+abstract, 13 categories (dev papers overlap pretraining pairs)"),
         TaskSpec("CMRC2018TrialRetrieval", "Retrieval", "zh", "trial", "cmrc2018_trial_retrieval",
                  partial(_beir, root / "cmrc2018_trial_retrieval", "trial"),
                  note="1,000 questions (2 empty ones dropped) over 256 paragraphs of the CMRC2018 trial set; "
