@@ -32,8 +32,10 @@ def run(
     Uses the Prefect API at PREFECT_API_URL when it answers, else starts a local server for the run
     (and stops it afterwards). Rerunning after a failure serves finished stages from cache.
     """
+    from conan_core.config import load_config
     from flows.server import prefect_api
 
+    load_config(config, overrides or [])  # a bad config fails here, in one line, before any server starts
     with prefect_api(echo=typer.echo) as server:
         typer.echo(f"Prefect API: {server.api_url} (UI: {server.api_url.removesuffix('/api')})")
         # Import after the API is chosen: Prefect reads its settings when first imported.

@@ -134,7 +134,7 @@ def conan_pipeline(config: str = "configs/demo.yaml", overrides: list[str] | Non
     pipeline_config = load_config(config_path, list(overrides or []))
     root = Path(out_dir).resolve() if out_dir else default_out_dir(config_path)
     address = ray_address or os.environ.get("RAY_ADDRESS")
-    plan = plan_stages(pipeline_config, root, ray_address=address)
+    plan = plan_stages(pipeline_config, root)
     get_run_logger().info("config %s -> outputs under %s", config_path, root)
     with ray_for_flow(address):
         summary = run_stages(plan, StageRunner(result_storage))

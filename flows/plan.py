@@ -58,8 +58,9 @@ def _base_fingerprint(base: str) -> str:
     return fingerprint_path(resolve_base(base))
 
 
-def plan_stages(config: Any, root: Path, *, ray_address: str | None) -> StagePlan:
-    """Parameters of every stage for `config`, with outputs under `root`."""
+def plan_stages(config: Any, root: Path) -> StagePlan:
+    """Parameters of every stage for `config`, with outputs under `root`. Where Ray runs is not among them:
+    the flow connects Ray before the stages, and the same inputs give the same outputs on any cluster."""
     data, model = config.data, config.model
     clean_pretrain = _data_stage("pretrain", data.pretrain, root / "data" / "pretrain", config.clean,
                                  data.workers)
@@ -79,9 +80,9 @@ def plan_stages(config: Any, root: Path, *, ray_address: str | None) -> StagePla
         clean_pretrain=clean_pretrain, clean_finetune=clean_finetune, extract=extract, init_model=init,
         mine={"output": str(root / "candidates"), "config": mining, "workers": config.mining.workers},
         pretrain={"output": str(root / "pretrain"), "config": config.pretrain.model_dump(mode="json"),
-                  "workers": workers, "ray_address": ray_address},
+                  "workers": workers},
         finetune={"output": str(root / "finetune"), "config": config.finetune.model_dump(mode="json"),
-                  "mining": mining, "workers": workers, "ray_address": ray_address},
+                  "mining": mining, "workers": workers},
         evaluate={"output_dir": str(root / "eval"), "config": config.eval.model_dump(mode="json"),
                   "task_dirs_hash": task_dirs_fingerprint([str(d) for d in config.eval.task_dirs])},
     )

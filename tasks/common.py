@@ -199,10 +199,13 @@ class ProgressReporter:
     and an update that fails is logged and skipped: progress display never stops a training run.
     """
 
-    def __init__(self, key: str, description: str, *, min_interval_s: float = 2.0) -> None:
+    def __init__(self, key: str, description: str, *, min_interval_s: float = 2.0,
+                 log_interval_s: float = 30.0) -> None:
         self._context = contextvars.copy_context()
         self._min_interval_s = min_interval_s
+        self._log_interval_s = log_interval_s
         self._last_update = 0.0
+        self._last_log = 0.0
         self._lock = threading.Lock()
         self._logger = get_run_logger()
         self.artifact_id = create_progress_artifact(progress=0.0, key=artifact_key(key), description=description)
@@ -221,7 +224,9 @@ class ProgressReporter:
         try:
             update_progress_artifact(artifact_id=self.artifact_id, progress=percent)
             loss = metrics.get("loss")
-            if loss is not None:
+            now = time.monotonic()
+            if loss is not None and (now - self._last_log >= self._log_interval_s or percent >= 100.0):
+                self._last_log = now
                 self._logger.info("step %s/%s loss %.4f", step, total, float(loss))
         except Exception as err:  # noqa: BLE001 - display only; never fail training over it
             self._logger.warning("progress artifact update failed: %s", err)

@@ -13,19 +13,17 @@ from tasks.training_report import publish_training
 
 @task(**stage_task_options("finetune"))
 def finetune_task(model: dict[str, Any], data: list[dict[str, Any]], output: str, config: dict[str, Any],
-                  mining: dict[str, Any], candidates: dict[str, Any] | None, workers: int | None,
-                  ray_address: str | None = None) -> dict[str, Any]:
+                  mining: dict[str, Any], candidates: dict[str, Any] | None, workers: int | None) -> dict[str, Any]:
     """Finetune `model` on `data` with the mined `candidates` (upstream results) into `output`."""
-    from conan_core.train.trainer import run_finetune
-
     from conan_core.mining.config import MiningConfig
     from conan_core.train.config import FinetuneConfig
+    from conan_core.train.trainer import run_finetune
 
     progress = ProgressReporter("finetune-progress", "finetuning: share of steps done")
     result, _ = call_logged("finetune", run_finetune, FinetuneConfig.model_validate(config),
                             [Path(d["path"]) for d in data], Path(model["path"]), Path(output),
                             candidates_dir=Path(candidates["path"]) if candidates else None,
-                            mining=MiningConfig.model_validate(mining), workers=workers, ray_address=ray_address,
+                            mining=MiningConfig.model_validate(mining), workers=workers,
                             progress_callback=progress)
     progress.finish()
     return publish_training("finetune", result)

@@ -13,15 +13,14 @@ from tasks.training_report import publish_training
 
 @task(**stage_task_options("pretrain"))
 def pretrain_task(model: dict[str, Any], data: list[dict[str, Any]], output: str, config: dict[str, Any],
-                  workers: int | None, ray_address: str | None = None) -> dict[str, Any]:
+                  workers: int | None) -> dict[str, Any]:
     """Pretrain `model` on the datasets `data` (upstream results) into `output`; returns the model dir."""
-    from conan_core.train.trainer import run_pretrain
-
     from conan_core.train.config import PretrainConfig
+    from conan_core.train.trainer import run_pretrain
 
     progress = ProgressReporter("pretrain-progress", "pretraining: share of steps done")
     result, _ = call_logged("pretrain", run_pretrain, PretrainConfig.model_validate(config),
                             [Path(d["path"]) for d in data], Path(model["path"]), Path(output), workers=workers,
-                            ray_address=ray_address, progress_callback=progress)
+                            progress_callback=progress)
     progress.finish()
     return publish_training("pretrain", result)

@@ -121,26 +121,40 @@ def _client(server: PrefectServer) -> Any:
 
 
 def _task_states(server: PrefectServer, flow_run_id: Any) -> dict[str, str]:
-    """Stage (task run name) -> final state name (Completed, Cached, Failed)."""
+    """Stage (task run name) -> final state name (Completed, Cached, Failed); each stage ran once."""
+    runs = _task_run_states(server, flow_run_id)
+    states = dict(runs)
+    assert len(states) == len(runs), f"a stage ran twice in one flow run: {runs}"
+    return states
+
+
+def _task_run_states(server: PrefectServer, flow_run_id: Any) -> list[tuple[str, str]]:
+    """Every task run of a flow run as (name, final state name), repeats included."""
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     with _client(server) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    states: dict[str, str] = {}
-    for run in runs:
-        stage = run.name
-        assert stage not in states or states[stage] == run.state.name, f"{stage} ran twice in one flow run"
-        states[stage] = run.state.name
-    return states
+    return [(run.name, run.state.name) for run in runs]
 
 
-def _artifact_keys(server: PrefectServer, flow_run_id: Any) -> set[str]:
+def _local_flow_run_ids(server: PrefectServer) -> set[Any]:
+    """Ids of the flow runs started in-process (not from a deployment: those include scheduled ones)."""
+    with _client(server) as client:
+        return {run.id for run in client.read_flow_runs() if run.deployment_id is None}
+
+
+def _artifacts(server: PrefectServer, flow_run_id: Any) -> dict[str, Any]:
+    """Artifact key -> its data, for the artifacts of one flow run."""
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     with _client(server) as client:
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
-    return {artifact.key for artifact in artifacts if artifact.key}
+    return {artifact.key: artifact.data for artifact in artifacts if artifact.key}
+
+
+def _table(data: Any) -> list[dict[str, Any]]:
+    return json.loads(data) if isinstance(data, str) else data
 
 
 def _main_scores(summary: dict[str, Any]) -> dict[str, float]:
@@ -165,12 +179,16 @@ def test_tiny_pipeline_completes_with_artifacts(server: PrefectServer, undisturb
     assert state.is_completed(), state.message
     states = _task_states(server, state.state_details.flow_run_id)
     assert states == {stage: "Completed" for stage in STAGES}
-    keys = _artifact_keys(server, state.state_details.flow_run_id)
+    artifacts = _artifacts(server, state.state_details.flow_run_id)
+    keys = set(artifacts)
     expected = {"clean-pretrain-counts", "clean-finetune-counts", "extract-instruct-counts", "init-model-report",
                 "init-model-dir", "mine-counts", "mine-candidates", "pretrain-curves", "pretrain-model",
                 "pretrain-progress", "finetune-curves", "finetune-model", "finetune-progress", "evaluate-results",
                 "evaluate-report", "pipeline-outputs"}
     assert expected <= keys, expected - keys
+    assert artifacts["pretrain-progress"] == artifacts["finetune-progress"] == 100.0
+    assert "loss per step" in artifacts["finetune-curves"]
+    assert any(row.get("outcome") == "kept" for row in _table(artifacts["clean-finetune-counts"]))
     summary = undisturbed["summary"]
     assert (Path(summary["model"]) / "modules.json").is_file()
     assert Path(summary["eval_report"]).read_text().strip()
@@ -257,3 +275,25 @@ def test_deployment_has_cron_and_a_triggered_run_completes(server: PrefectServer
     assert run.state.is_completed(), (run.state.message, (work_dir() / "worker.log").read_text()[-3000:])
     # Same config and out dir as the undisturbed run, in another process: every stage comes from the cache.
     assert _task_states(server, run.id) == {stage: "Cached" for stage in STAGES}
+
+
+def test_conan_run_joins_the_running_server_and_prints_outputs(server: PrefectServer, tiny: dict[str, Any],
+                                                               undisturbed: dict[str, Any]) -> None:
+    from typer.testing import CliRunner
+
+    from conan_cli.main import app
+
+    shutil.rmtree(tiny["root"] / "run-a" / "eval")  # a cached stage whose output is gone must run again
+    before = _local_flow_run_ids(server)
+    result = CliRunner().invoke(app, ["run", "--config", str(tiny["config"]),
+                                      "--out-dir", str(tiny["root"] / "run-a")])
+    assert result.exit_code == 0, result.output
+    assert "starting a local Prefect server" not in result.output
+    (flow_run_id,) = _local_flow_run_ids(server) - before
+    runs = _task_run_states(server, flow_run_id)
+    assert sorted(runs) == sorted([(stage, "Cached") for stage in STAGES] + [("evaluate", "Completed")])
+    assert (tiny["root"] / "run-a" / "eval" / "results.json").is_file()
+    summary = undisturbed["summary"]
+    for label, key in (("model:", "model"), ("evaluation results:", "eval_results"),
+                       ("evaluation report:", "eval_report")):
+        assert any(line.startswith(label) and line.endswith(summary[key]) for line in result.output.splitlines())

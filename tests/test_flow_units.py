@@ -132,3 +132,15 @@ def test_missing_config_is_a_one_line_error(tmp_path: Path) -> None:
 
     with pytest.raises(ConanError, match="config file not found"):
         resolve_config_path(tmp_path / "nope.yaml")
+
+
+def test_conan_run_rejects_a_bad_config_before_starting_anything(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from conan_cli.main import app
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("pretrain:\n  stpes: 3\n")
+    result = CliRunner().invoke(app, ["run", "--config", str(bad)])
+    assert result.exit_code == 2
+    assert "pretrain.stpes" in result.output and "Prefect" not in result.output
