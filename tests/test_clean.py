@@ -18,7 +18,8 @@ from conan_core.schema import make_record
 # 200 distinct-ish CJK characters: one changed character leaves a character-trigram Jaccard of about 0.97,
 # far enough above the 0.9 threshold that the 128-permutation estimate cannot fall below it.
 LONG_GOOD = "测试，" + "".join(chr(0x4E00 + (i * 7919) % 20000) for i in range(200)) + "检测结束。"
-CONFIG = CleanConfig(decontaminate=False)
+# The fuzz rows are scored pairs (STS kind); near-dedup covers them here so one file exercises every reason.
+CONFIG = CleanConfig(decontaminate=False, near_dedup_kinds=["pair", "retrieval", "sts"])
 
 
 def _fuzz_file(path: Path) -> Path:
@@ -159,9 +160,21 @@ def ray_session():
 @pytest.mark.slow
 def test_ray_workers_give_the_same_dataset_as_in_process(tmp_path: Path, ray_session: None) -> None:
     source = _fuzz_file(tmp_path / "fuzz.jsonl")
-    config = CleanConfig(decontaminate=False, lines_per_unit=4)  # several units, so order across workers matters
+    config = CONFIG.model_copy(update={"lines_per_unit": 4})  # several units, so order across workers matters
     local = run_clean([source, source], tmp_path / "local", config, workers=0, progress=False)
     ray_run = run_clean([source, source], tmp_path / "ray", config, workers=2, progress=False)
     assert local["shards"] == ray_run["shards"] and local["counts"] == ray_run["counts"]
     # each copy has one duplicate row; the second copy also repeats the 4 rows the first copy kept
     assert local["counts"]["dropped_by_reason"]["duplicate"] == 2 + 4
+
+
+def test_labelled_near_duplicates_are_kept_by_default(tmp_path: Path) -> None:
+    """Two STS pairs one word apart with different scores are signal, not noise: only exact dedup."""
+    rows = [{"sentence1": LONG_GOOD, "sentence2": "近似重复测试", "label": 4.0},
+            {"sentence1": LONG_GOOD.replace("检测", "检查", 1), "sentence2": "近似重复测试", "label": 1.0},
+            {"sentence1": LONG_GOOD, "sentence2": "近似重复测试", "label": 4.0}]
+    source = tmp_path / "sts.jsonl"
+    source.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
+    manifest = run_clean([source], tmp_path / "out", CleanConfig(decontaminate=False), workers=0, progress=False)
+    assert manifest["counts"]["kept"] == 2
+    assert read_quarantine(tmp_path / "out").column("reason").to_pylist() == ["duplicate"]

@@ -23,6 +23,10 @@ class CleanConfig(BaseModel):
     drop_identical_sides: bool = True
     exact_dedup: bool = True
     near_dedup: bool = True
+    # Kinds whose near-duplicates are dropped. STS and classification rows are labelled: two STS pairs that
+    # differ by one word but carry different scores are the very signal CoSENT learns from, so by default
+    # they get exact dedup only.
+    near_dedup_kinds: list[str] = ["pair", "retrieval"]
     minhash_threshold: float = Field(0.9, gt=0.0, le=1.0)  # Jaccard of character n-grams
     minhash_num_perm: int = Field(128, ge=16)
     minhash_ngram: int = Field(3, ge=1)  # characters, so Chinese works without a segmenter

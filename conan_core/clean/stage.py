@@ -234,7 +234,8 @@ def dedup_in_order(outputs: list[UnitOutput], config: CleanConfig, counts: Count
             key = exact_key(record)
             if config.exact_dedup and key in seen:
                 reason = DUPLICATE
-            elif near is not None and out.signatures is not None and not near.is_new(out.signatures[row]):
+            elif (near is not None and out.signatures is not None and record["kind"] in config.near_dedup_kinds
+                  and not near.is_new(out.signatures[row])):
                 reason = NEAR_DUPLICATE
             if reason:
                 counts.drop(record["source"], reason)
