@@ -3,7 +3,7 @@
 Groups: `pretrain_pairs` (weak pairs for pretraining), `finetune` (retrieval with negatives, STS,
 classification), `instruct` (LLM data for `conan extract`), `eval_only` (files `conan eval` scores:
 never in a training group). Where a dataset is both trained on and evaluated, only its train split
-is catalogued for training (see docs/data.md).
+is catalogued for training (see README.md, "Data stages").
 """
 
 from __future__ import annotations
