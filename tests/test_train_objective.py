@@ -71,11 +71,14 @@ def _reference():
     return total.detach(), {name: prm.grad.clone() for name, prm in model.named_parameters()}
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+def _worker(rank: int, world: int, init_file: str, out_dir: str, vanilla_tasks=None) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        out, grads = _objective(world, rank)
+        if vanilla_tasks is None:
+            out, grads = _objective(world, rank)
+        else:
+            out, grads = _objective(world, rank, share=False, tasks=vanilla_tasks, neg_scores=True)
         total = out.objective.detach().clone()
         dist.all_reduce(total)
         torch.save({"loss": total / world, "grads": grads, "ret": out.retrieval_loss, "sts": out.sts_loss},
@@ -124,6 +127,20 @@ def test_vanilla_uses_each_ranks_own_negatives_only():
             per_rank.append(MRL(lambda q_, p_, n_: cbb_loss(q_, p_, n_, None, None, None)[0], q, p, negs))
     torch.testing.assert_close(out.retrieval_loss, sum(per_rank) / 2)
     assert out.sts_loss is None
+
+
+@pytest.mark.parametrize("tasks", [("sts",), ("retrieval",)])
+def test_vanilla_two_gloo_workers_equal_one_worker(tasks):
+    """A vanilla step that leaves one worker idle (STS only: worker 1 hosts no STS rank) still runs the
+    collectives on every worker, and the averaged gradient equals the one-worker computation."""
+    want, want_grads = _objective(world=1, rank=0, share=False, tasks=tasks, neg_scores=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.start_processes(_worker, args=(2, os.path.join(tmp, "init"), tmp, tasks), nprocs=2, join=True,
+                           start_method="spawn")
+        results = [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for result in results:
+        torch.testing.assert_close(result["loss"], want.objective.detach())
+        _assert_grads_close(result["grads"], want_grads)
 
 
 def test_vanilla_reports_the_same_negative_scores_as_cbb_for_dhnm():

@@ -164,7 +164,8 @@ def train_step(step: int, total: int, config: TrainCommon, model: torch.nn.Modul
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
     result = task.step(step)
-    result.objective.backward()
+    if result.objective.requires_grad:  # a worker with no part in this step's tasks contributes zeros
+        result.objective.backward()
     params = [p for p in model.parameters() if p.requires_grad]
     average_gradients(params)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip or float("inf"))

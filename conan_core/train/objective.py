@@ -223,6 +223,10 @@ def gather_segments(segments: Sequence[Segment], dim: int | None, device: torch.
         padding = torch.zeros((seg.padded_rows - held, *tail), device=device)
         parts.append(padding if seg.local is None else torch.cat([seg.local, padding]))
     payload = torch.cat(parts)
+    if grad and not payload.requires_grad:
+        # This worker holds only padding this step (e.g. a vanilla STS step on a retrieval-only worker): its
+        # payload must still take part in autograd, or it would skip the gather's collective backward.
+        payload.requires_grad_(True)
     gathered = gather_with_grad(payload) if grad else gather_no_grad(payload)
     per_worker = payload.shape[0]
     out, offset = [], 0
