@@ -134,12 +134,19 @@ def evaluate(model_dir: Path, out_json: Path, eval_config: EvalConfig) -> dict[s
     return result
 
 
+def step_seconds(run_dir: Path) -> float:
+    """Time spent in training steps, from the run's metrics (correct also when a rerun resumed it)."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    by_step = {row["step"]: row.get("step_seconds", 0.0) for row in map(json.loads, lines) if "step" in row}
+    return sum(by_step.values())
+
+
 def scores_of(result: dict[str, Any]) -> dict[str, float]:
     return {t["name"]: t["main_score"] for t in result["tasks"]}
 
 
 def table(rows: list[tuple[str, dict[str, Any], float | None]], columns: list[str]) -> str:
-    header = "| model | " + " | ".join(columns) + " | avg | train min |"
+    header = "| model | " + " | ".join(columns) + " | avg | train min |"  # ours: time in steps
     lines = [header, "|" + "---|" * (len(columns) + 3)]
     for name, result, seconds in rows:
         scores = scores_of(result)
@@ -170,8 +177,9 @@ def main() -> None:
     t0 = time.perf_counter()
     pretrained = run_pretrain(config.pretrain, [paths["pretrain"], paths["llm"]], paths["init"], pretrain_dir,
                               workers=config.workers)
-    pretrain_seconds = time.perf_counter() - t0
-    print(f"pretrain: {pretrained.steps} steps in {pretrain_seconds:.0f} s", flush=True)
+    pretrain_seconds = step_seconds(pretrain_dir)
+    print(f"pretrain: {pretrained.steps} steps, {pretrain_seconds:.0f} s in steps "
+          f"({time.perf_counter() - t0:.0f} s wall this run)", flush=True)
 
     variants = {"CBB+DHNM": ("cbb", True)}
     if not args.skip_ablation:
@@ -184,8 +192,9 @@ def main() -> None:
         t0 = time.perf_counter()
         tuned = run_finetune(finetune_config, [paths["finetune"]], pretrained.model_dir, run_dir,
                              candidates_dir=paths["candidates"], mining=config.mining, workers=config.workers)
-        seconds = time.perf_counter() - t0
-        print(f"finetune {name}: {tuned.steps} steps in {seconds:.0f} s", flush=True)
+        seconds = step_seconds(run_dir)
+        print(f"finetune {name}: {tuned.steps} steps, {seconds:.0f} s in steps "
+              f"({time.perf_counter() - t0:.0f} s wall this run)", flush=True)
         ablation[name] = (evaluate(tuned.model_dir, out / "eval" / f"{name}.json", config.eval), seconds)
     ours, ours_finetune_seconds = ablation["CBB+DHNM"]
     results["conan pipeline (pretrain + CBB + DHNM)"] = (ours, pretrain_seconds + ours_finetune_seconds)
