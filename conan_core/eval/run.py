@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -90,7 +91,10 @@ def run_eval(model_path: Path, *, tasks: list[str] | None, task_dirs: list[Path]
     encoder = ConanMtebEncoder(model, name=name, revision=revision, batch_size=config.batch_size)
     entries = []
     for spec, data in loaded:
-        entries.append(_evaluate_one(encoder, spec, data, config))
+        with warnings.catch_warnings():
+            # sklearn warns per fold when a weak model never predicts some class; the scores say as much.
+            warnings.filterwarnings("ignore", message=".*ill-defined.*")
+            entries.append(_evaluate_one(encoder, spec, data, config))
         if on_task is not None:
             on_task(entries[-1])
     result = summarize(name, revision, entries)
