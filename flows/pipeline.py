@@ -72,7 +72,7 @@ class StageRunner:
 @contextlib.contextmanager
 def ray_for_flow(address: str | None) -> Iterator[None]:
     """Ray for the whole flow, started and stopped in this thread (stages reuse it and leave it running)."""
-    from conan_core.mining.pool import ray_session
+    from conan_core.raysession import ray_session
 
     with ray_session(address):
         yield

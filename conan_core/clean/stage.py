@@ -26,7 +26,7 @@ from conan_core.clean.teacher import Embedder, load_teacher, score_records
 from conan_core.io.catalog import EVAL_FILES, EVAL_TEXT_FILES, resolve_inputs
 from conan_core.io.dataset import write_dataset
 from conan_core.io.readers import ReadUnit, plan_units, read_unit
-from conan_core.paths import shared_data_dir, work_dir
+from conan_core.paths import shared_data_dir
 from conan_core.schema import (
     KIND_CLASSIFICATION,
     make_quarantine_row,
@@ -145,17 +145,6 @@ def _progress_bar(total: int, enabled: bool, desc: str) -> Any:
     return tqdm(total=total, disable=not enabled, desc=desc, unit="unit")
 
 
-def _ensure_ray(workers: int) -> bool:
-    """Start a local Ray (temp dir in the work dir) unless one is running; True if we started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    ray.init(num_cpus=workers, _temp_dir=str(work_dir() / "ray"), include_dashboard=False,
-             log_to_driver=False, configure_logging=False)
-    return True
-
-
 def map_units(fn: Callable[..., UnitOutput], units: list[Any], args: tuple, *, workers: int,
               progress: bool, desc: str) -> list[UnitOutput]:
     """fn(unit, *args) for every unit, results in unit order; at most `workers` Ray tasks in flight."""
@@ -169,7 +158,14 @@ def map_units(fn: Callable[..., UnitOutput], units: list[Any], args: tuple, *, w
         return results
     import ray
 
-    started = _ensure_ray(workers)
+    from conan_core.raysession import ray_session
+
+    with ray_session(num_cpus=workers):
+        return _map_on_ray(ray, fn, units, args, workers, bar)
+
+
+def _map_on_ray(ray: Any, fn: Callable[..., UnitOutput], units: list[Any], args: tuple, workers: int,
+                bar: Any) -> list[UnitOutput]:
     try:
         remote = ray.remote(num_cpus=1)(fn)
         arg_refs = [ray.put(arg) for arg in args]  # shared once, not copied per task
@@ -187,8 +183,6 @@ def map_units(fn: Callable[..., UnitOutput], units: list[Any], args: tuple, *, w
         return results  # type: ignore[return-value]
     finally:
         bar.close()
-        if started:
-            ray.shutdown()
 
 
 # ---------------------------------------------------------------- driver: dedup, teacher, counts

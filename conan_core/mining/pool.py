@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -40,7 +39,7 @@ from conan_core.mining.corpus import (
 )
 from conan_core.mining.guards import excluded_doc_indices, guard_candidates, normalise_for_match
 from conan_core.mining.index import build_index, configure_faiss, merge_topk, search
-from conan_core.paths import offline_env, work_dir
+from conan_core.raysession import ray_session
 
 RESTART_WAIT_S = 120.0  # how long a restarting actor may take (model load) before it is replaced
 
@@ -77,30 +76,6 @@ def _encoder_factory(model_path: str | Path, given: Callable[[], Encoder] | None
 
 
 # ---- Ray session ------------------------------------------------------------------------------------
-
-@contextmanager
-def ray_session(address: str | None = None) -> Iterator[None]:
-    """Use the running Ray (a trainer's, a test's); else join RAY_ADDRESS or start a local one in the work dir.
-
-    Shuts down only a Ray this call started, from the thread that started it.
-    """
-    if ray.is_initialized():
-        yield
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    env = offline_env()
-    if address:
-        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
-    else:
-        temp_dir = work_dir() / "ray"
-        temp_dir.mkdir(parents=True, exist_ok=True)
-        ray.init(_temp_dir=str(temp_dir), include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": env})
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
 
 # ---- the actor ------------------------------------------------------------------------------------
 

@@ -10,17 +10,15 @@ checkpoint (Ray Train V2 semantics), and `FailureConfig(max_failures)` restarts 
 
 from __future__ import annotations
 
-import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from conan_core.errors import ConanError
 from conan_core.model import resolve_base
-from conan_core.paths import offline_env, work_dir
+from conan_core.raysession import ray_session
 from conan_core.train.config import FinetuneConfig, PretrainConfig, TrainCommon
 from conan_core.train.loop import FINAL_MODEL_DIR, HARDNESS_FILE, train_loop
 from conan_core.train.metrics import METRICS_FILE, PLOT_FILE, plot_losses, read_metrics
@@ -80,30 +78,6 @@ def _spec(stage: str, config: TrainCommon, data_dirs: Sequence[str | Path], mode
     return {"stage": stage, "config": config.model_dump(mode="json"),
             "data_dirs": [str(Path(d).resolve()) for d in data_dirs], "model_path": str(model_dir.resolve()),
             "out_dir": str(out), "fault_injection": fault_injection}
-
-
-@contextmanager
-def ray_session(address: str | None = None) -> Iterator[None]:
-    """Use a running Ray; else join `address` / RAY_ADDRESS, or start a local one under the work dir.
-    Only a Ray started here is shut down (from this thread, which is also the one that started it)."""
-    import ray
-
-    if ray.is_initialized():
-        yield
-        return
-    env = offline_env()
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
-    else:
-        temp_dir = work_dir() / "ray"
-        temp_dir.mkdir(parents=True, exist_ok=True)
-        ray.init(_temp_dir=str(temp_dir), include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": env})
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 def default_workers(config: TrainCommon) -> int:
