@@ -32,6 +32,7 @@ from prefect.artifacts import (
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from conan_core.errors import ConanError
+from conan_core.io.dataset import sha256_file
 
 STAGE_CACHE_POLICY = INPUTS + TASK_SOURCE
 # Stages that start Ray or read shared storage can fail for transient reasons (a node going away, a
@@ -42,14 +43,6 @@ RETRY_DELAYS_S = [10, 30]
 
 class StageOutputError(ConanError):
     """A stage's output is missing or does not match the fingerprint it was recorded with."""
-
-
-def _sha256_file(path: Path, digest: hashlib._Hash | None = None) -> hashlib._Hash:
-    digest = digest or hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest
 
 
 def fingerprint_path(path: str | Path) -> str:
@@ -63,14 +56,14 @@ def fingerprint_path(path: str | Path) -> str:
     if not path.exists():
         raise StageOutputError(f"{path}: does not exist")
     if path.is_file():
-        return _sha256_file(path).hexdigest()
+        return sha256_file(path)
     manifest = path / "manifest.json"
     if manifest.is_file():
-        return _sha256_file(manifest).hexdigest()
+        return sha256_file(manifest)
     digest = hashlib.sha256()
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
         digest.update(str(file.relative_to(path)).encode())
-        _sha256_file(file, digest)
+        digest.update(sha256_file(file).encode())
     return digest.hexdigest()
 
 
