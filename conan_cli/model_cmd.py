@@ -27,6 +27,8 @@ def init(
     matryoshka_dim: Annotated[list[int] | None, typer.Option(help="A Matryoshka output dim; repeatable.")] = None,
     max_seq_length: Annotated[int, typer.Option(help="Tokens per text.")] = 128,
     vocab_min_freq: Annotated[int, typer.Option(help="Add characters seen at least this often.")] = 1,
+    vocab_init: Annotated[str, typer.Option(
+        help="Where new embedding rows start: mean (of the old rows), cjk_mean, or unk; + N(0, 0.02^2).")] = "mean",
 ) -> None:
     """Write a new model directory from a base encoder."""
     from conan_core.errors import ConanError
@@ -34,9 +36,12 @@ def init(
 
     if pooling not in ("mean", "cls"):
         raise ConanError(f"--pooling must be mean or cls, not {pooling!r}")
+    if vocab_init not in ("mean", "cjk_mean", "unk"):
+        raise ConanError(f"--vocab-init must be mean, cjk_mean or unk, not {vocab_init!r}")
     report = init_model(base, out, expand_dim=expand_dim, pooling=pooling,  # type: ignore[arg-type]
                         extend_vocab_from=extend_vocab_from or [], matryoshka_dims=matryoshka_dim,
-                        max_seq_length=max_seq_length, vocab_min_freq=vocab_min_freq)
+                        max_seq_length=max_seq_length, vocab_min_freq=vocab_min_freq,
+                        vocab_init=vocab_init)  # type: ignore[arg-type]
     vocab = report.get("vocab")
     if vocab:
         typer.echo(f"[UNK] rate {vocab['unk_rate_before']:.2%} -> {vocab['unk_rate_after']:.2%} "

@@ -49,6 +49,9 @@ class ModelInitConfig(_Strict):
     extend_vocab_from: list[str] = Field(default_factory=list)
     vocab_min_freq: int = Field(default=1, gt=0)
     vocab_max_new: int = Field(default=10_000, ge=0)
+    vocab_init: Literal["mean", "cjk_mean", "unk"] = Field(
+        default="mean", description="new embedding rows start at the mean of the old rows (or of its CJK rows, "
+                                    "or the [UNK] row) + N(0, 0.02^2)")
 
 
 class PipelineConfig(_Strict):
