@@ -15,7 +15,8 @@ from conan_core.train.config import FinetuneConfig, PretrainConfig
 def test_pipeline_config_defaults_are_the_papers():
     config = load_config(None)
     assert (config.pretrain.lr, config.pretrain.warmup_ratio, config.pretrain.weight_decay) == (1e-5, 0.05, 0.001)
-    assert (config.finetune.retrieval_batch, config.finetune.sts_batch, config.finetune.beta) == (4, 32, 0.8)
+    assert (config.finetune.retrieval_batch, config.finetune.sts_batch, config.finetune.beta) == (32, 32, 0.8)
+    assert config.finetune.in_batch_negatives  # >= 32 candidates per query, as MNRL at batch 32
 
 
 def test_yaml_and_overrides(tmp_path: Path):

@@ -77,7 +77,8 @@ def test_negatives_slice_gives_each_group_rank_its_own():
     negs = [f"n{i}" for i in range(6)]
     assert negatives_slice(negs, 0, 3) == ["n0", "n1", "n2"]
     assert negatives_slice(negs, 1, 3) == ["n3", "n4", "n5"]
-    assert negatives_slice(negs[:4], 1, 3) == ["n3", "n0", "n1"]  # cycled when short
+    assert negatives_slice(negs[:4], 1, 3) == ["n3", None, None]  # empty slots, never a repeated text
+    assert negatives_slice(["n0"], 0, 3) == ["n0", None, None]
 
 
 def test_classification_becomes_retrieval():

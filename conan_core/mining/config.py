@@ -2,7 +2,10 @@
 
 Defaults follow the Conan-embedding paper (arXiv 2408.15710, §2.2) where it gives a number: windows start
 at rank 10, a check every 100 steps, stale if `current * 1.15 < initial` and `|current| < 0.8`. The v2
-thresholds (0.4, 1.2, 0.7) come from Conan-embedding-v2 (arXiv 2509.12892, Eq. 6).
+thresholds (0.4, 1.2, 0.7) come from Conan-embedding-v2 (arXiv 2509.12892, Eq. 6). The positive-aware
+guard is on by default with margin 0.95, the best setting of NV-Retriever (arXiv 2407.15831, TopK-PercPos):
+a candidate scoring at or above 0.95 x its query's positive score is more likely an unlabelled positive than
+a negative.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ class DHNMConfig(BaseModel):
 
     enabled: bool = True
     variant: Literal["v1", "v2"] = "v1"
-    check_every: int = Field(100, ge=1, description="steps between staleness checks")
+    check_every: int = Field(100, ge=1, description="steps between staleness checks (a query is judged only "
+                                                    "once it was seen twice: size it in passes over the pool)")
     # v1: a query is stale when current * factor < initial and |current| < abs_limit (scores: mean over its negatives)
     factor: float = Field(1.15, gt=0)
     abs_limit: float = Field(0.8, gt=0)
@@ -27,7 +31,6 @@ class DHNMConfig(BaseModel):
     v2_min_initial: float = 0.4
     v2_factor: float = Field(1.2, gt=0)
     v2_limit: float = 0.7
-    n_negatives: int = Field(7, ge=1, description="hard negatives per query in a training step")
     remine_between_epochs: Literal["off", "stale", "all"] = "stale"
 
 
@@ -39,7 +42,9 @@ class MiningConfig(BaseModel):
     top_k: int = Field(100, ge=1, description="candidates kept per query, after the false-negative guards")
     skip_ranks: int = Field(10, ge=0, description="DHNM windows start at this rank (paper: 10)")
     margin: float | None = Field(
-        None, gt=0, le=1, description="keep a candidate only if score < positive_score * margin (e.g. 0.95)"
+        0.95, gt=0, le=1,
+        description="positive-aware false-negative guard: keep a candidate only if score < positive_score * "
+                    "margin (default 0.95, NV-Retriever's TopK-PercPos, arXiv 2407.15831); null turns it off",
     )
     query_kinds: list[str] = Field(default_factory=lambda: ["retrieval", "pair"])
     shard_rows: int = Field(20_000, ge=1, description="corpus documents per shard (one shard per actor at a time)")

@@ -159,9 +159,9 @@ def assign_roles(layout: LayoutConfig, world_size: int) -> list[WorkerRoles]:
     return roles
 
 
-def negatives_slice(negatives: Sequence[str], group_rank: int, per_rank: int) -> list[str]:
-    """Group rank g's hard negatives: items g*n .. (g+1)*n of the query's list (cycled when short)."""
-    if not negatives:
-        return []
+def negatives_slice(negatives: Sequence[str], group_rank: int, per_rank: int) -> list[str | None]:
+    """Group rank g's hard negatives: items g*n .. (g+1)*n of the query's list. Slots the list cannot fill
+    are None (the loss masks them): a text is never repeated in one query's denominator, so a query with
+    one negative does not get it n times."""
     start = group_rank * per_rank
-    return [negatives[(start + i) % len(negatives)] for i in range(per_rank)]
+    return [negatives[start + i] if start + i < len(negatives) else None for i in range(per_rank)]

@@ -5,7 +5,11 @@ into the two CBB tasks (paper §2.3):
   * retrieval: `retrieval` records, `pair` records without a score (no negatives of their own: other
     queries' positives fill in), and `classification` records converted (same label = positive,
     other labels of the same source = negatives);
-  * STS (CoSENT): `sts` records and `pair` records with a score (pair classification as 0/1).
+    (at most `classification_max_per_source` queries per source, so 2-label sentiment reviews cannot
+    dominate the pool);
+  * STS (CoSENT): `sts` records and `pair` records with a score (pair classification as 0/1). Each keeps
+    its source: CoSENT ranks pairs by their gold score, which only means something on one label scale,
+    so an STS batch is drawn from one source (0/1 labels, STS-B 0-5 and SICK 1-5 never mix).
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ class RetrievalExamples:
 @dataclass
 class StsExamples:
     ids: list[str] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
     first: list[str] = field(default_factory=list)
     second: list[str] = field(default_factory=list)
     scores: list[float] = field(default_factory=list)
@@ -81,7 +86,8 @@ def pretrain_pairs(table: pa.Table) -> PairExamples:
                         [r["query"] for r in keep], [r["positive"] for r in keep])
 
 
-def finetune_tasks(table: pa.Table, *, classification_negatives: int, seed: int = 0
+def finetune_tasks(table: pa.Table, *, classification_negatives: int, seed: int = 0,
+                   classification_max_per_source: int | None = None
                    ) -> tuple[RetrievalExamples, StsExamples, dict[str, int]]:
     """Split records into the retrieval and STS tasks; returns counts of what went where."""
     retrieval, sts = RetrievalExamples(), StsExamples()
@@ -96,6 +102,7 @@ def finetune_tasks(table: pa.Table, *, classification_negatives: int, seed: int 
                 counts["skipped_sts_incomplete"] += 1
                 continue
             sts.ids.append(row["id"])
+            sts.sources.append(row["source"])
             sts.first.append(row["query"])
             sts.second.append(row["positive"])
             sts.scores.append(float(row["score"]))
@@ -105,7 +112,8 @@ def finetune_tasks(table: pa.Table, *, classification_negatives: int, seed: int 
             counts["retrieval"] += 1
         else:
             counts["skipped_incomplete"] += 1
-    converted = classification_as_retrieval(classification, classification_negatives, seed)
+    converted = classification_as_retrieval(classification, classification_negatives, seed,
+                                            max_per_source=classification_max_per_source)
     for i in range(len(converted)):
         retrieval.append(converted.ids[i], converted.queries[i], converted.positives[i], converted.negatives[i])
     counts["classification_as_retrieval"] = len(converted)
@@ -113,10 +121,12 @@ def finetune_tasks(table: pa.Table, *, classification_negatives: int, seed: int 
     return retrieval, sts, dict(counts)
 
 
-def classification_as_retrieval(rows: list[dict], n_negatives: int, seed: int = 0) -> RetrievalExamples:
+def classification_as_retrieval(rows: list[dict], n_negatives: int, seed: int = 0,
+                                max_per_source: int | None = None) -> RetrievalExamples:
     """Paper §2.4: a text's positive is another text with the same label, its negatives texts with other
     labels (from the same source, so label sets do not mix). Texts whose label has no second member,
-    or whose source has one label only, are dropped."""
+    or whose source has one label only, are dropped; a source with more than `max_per_source` texts
+    keeps a random (seeded) subset of that size as queries (all its texts stay positives/negatives)."""
     rng = np.random.default_rng(seed)
     by_source: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for row in rows:
@@ -127,6 +137,7 @@ def classification_as_retrieval(rows: list[dict], n_negatives: int, seed: int = 
         labels = by_source[source]
         if len(labels) < 2:
             continue
+        converted = RetrievalExamples()
         for label in sorted(labels):
             members = labels[label]
             others = [r["query"] for other in sorted(labels) if other != label for r in labels[other]]
@@ -135,8 +146,16 @@ def classification_as_retrieval(rows: list[dict], n_negatives: int, seed: int = 
             for i, row in enumerate(members):
                 partner = members[(i + 1 + int(rng.integers(len(members) - 1))) % len(members)]
                 picks = rng.choice(len(others), size=min(n_negatives, len(others)), replace=False)
-                out.append(row["id"], row["query"], partner["query"], [others[j] for j in picks])
+                converted.append(row["id"], row["query"], partner["query"], [others[j] for j in picks])
+        _append_capped(out, converted, max_per_source, rng)
     return out
+
+
+def _append_capped(out: RetrievalExamples, part: RetrievalExamples, cap: int | None,
+                   rng: np.random.Generator) -> None:
+    keep = range(len(part)) if cap is None or len(part) <= cap else sorted(rng.choice(len(part), cap, replace=False))
+    for i in keep:
+        out.append(part.ids[i], part.queries[i], part.positives[i], part.negatives[i])
 
 
 class TokenBank:

@@ -49,8 +49,47 @@ def lr_at(step: int, total: int, config: TrainCommon) -> float:
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainCommon) -> torch.optim.Optimizer:
-    """AdamW, fused (one pass over each parameter; the unfused CPU path is several times slower)."""
-    return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True)
+    """AdamW, fused (one pass over each parameter; the unfused CPU path is several times slower), with the
+    usual transformer groups: the input word embeddings at `lr * embedding_lr_scale` (the rows added by
+    vocabulary extension start near the mean and must move far), and no weight decay on embeddings,
+    LayerNorm weights and biases. Each group's `lr_scale` is applied to the schedule's lr every step."""
+    groups = parameter_groups(model, config)
+    for group in groups:
+        group["lr"] = config.lr * group["lr_scale"]
+    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay, fused=True)
+
+
+def parameter_groups(model: torch.nn.Module, config: TrainCommon) -> list[dict[str, Any]]:
+    """[word embeddings (scaled lr, no decay), other no-decay params, decayed params]; empty groups left out."""
+    word_embeddings = _word_embeddings(model)
+    embed, no_decay, decay = [], [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if word_embeddings is not None and param is word_embeddings:
+            embed.append(param)
+        elif param.ndim < 2 or "norm" in name.lower() or "embeddings" in name:
+            no_decay.append(param)  # biases, LayerNorm, position / token-type embeddings
+        else:
+            decay.append(param)
+    groups = [{"name": "word_embeddings", "params": embed, "weight_decay": 0.0,
+               "lr_scale": config.embedding_lr_scale},
+              {"name": "no_decay", "params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
+              {"name": "decay", "params": decay, "weight_decay": config.weight_decay, "lr_scale": 1.0}]
+    return [g for g in groups if g["params"]]
+
+
+def _word_embeddings(model: torch.nn.Module) -> torch.nn.Parameter | None:
+    encoder = getattr(model, "encoder", None)
+    if encoder is None or not hasattr(encoder, "get_input_embeddings"):
+        return None
+    return encoder.get_input_embeddings().weight
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The schedule's lr, times each group's `lr_scale` (the word embeddings' multiplier)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def total_steps(config: TrainCommon, steps_per_epoch: int) -> int:
@@ -160,8 +199,7 @@ def train_step(step: int, total: int, config: TrainCommon, model: torch.nn.Modul
     started = time.perf_counter()
     tokens_before = encode.tokens
     lr = lr_at(step, total, config)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    set_lr(optimizer, lr)
     optimizer.zero_grad(set_to_none=True)
     result = task.step(step)
     if result.objective.requires_grad:  # a worker with no part in this step's tasks contributes zeros

@@ -65,12 +65,15 @@ class CbbWorkerBatch:
 
     queries/positives: the group's shared batch (empty when the worker hosts no retrieval rank);
     negatives[g]: for hosted group rank g, one list of n negative texts per query;
+    neg_mask: [B, G*n] True where a query's slot is empty (its list was short: "" is encoded there and
+    left out of the softmax), in group-rank order; None: every slot is filled;
     sts[s]: for hosted STS rank s, (first texts, second texts, scores).
     """
 
     queries: list[str] = field(default_factory=list)
     positives: list[str] = field(default_factory=list)
     negatives: dict[int, list[list[str]]] = field(default_factory=dict)
+    neg_mask: torch.Tensor | None = None
     sts: dict[int, tuple[list[str], list[str], list[float]]] = field(default_factory=dict)
 
 
@@ -137,18 +140,20 @@ def cbb_objective(encode: Encoder, batch: CbbWorkerBatch, shape: CbbShape, *, te
             group = all_negs.shape[0] // (rows * n)
             all_negs = all_negs.view(group, rows, n, dim).permute(1, 0, 2, 3).reshape(rows, group * n, dim)
             loss = retrieval_term(q, p, all_negs, temperature=temperature, in_batch=in_batch,
-                                  matryoshka=matryoshka)
+                                  neg_mask=batch.neg_mask, matryoshka=matryoshka)
             hosts = sum(1 for r in shape.roles if r.retrieval_ranks)
             objective = objective + info.size / hosts * loss
             out.retrieval_loss = loss.detach()
-            out.neg_scores = query_negative_scores(q, all_negs).detach()
+            out.neg_scores = _masked_nan(query_negative_scores(q, all_negs).detach(), batch.neg_mask)
     elif use_ret:
-        out.retrieval_loss, term = _vanilla_retrieval(q, p, negs, shape, mine, temperature=temperature,
-                                                      in_batch=in_batch, matryoshka=matryoshka)
+        out.retrieval_loss, term = _vanilla_retrieval(q, p, negs, batch.neg_mask, shape, mine,
+                                                      temperature=temperature, in_batch=in_batch,
+                                                      matryoshka=matryoshka)
         if term is not None:
             objective = objective + info.size * term
         if neg_scores:
-            out.neg_scores = _vanilla_negative_scores(q, negs, shape, dim, encode.device)
+            out.neg_scores = _masked_nan(_vanilla_negative_scores(q, negs, shape, dim, encode.device),
+                                         batch.neg_mask)
     if use_sts:
         all_a, all_b = gathered
         all_scores = gather_segments([Segment(scores, sts_blocks, shape.sts_batch)], None, encode.device,
@@ -160,6 +165,13 @@ def cbb_objective(encode: Encoder, batch: CbbWorkerBatch, shape: CbbShape, *, te
             out.sts_loss = loss.detach()
     out.objective = objective
     return out
+
+
+def _masked_nan(scores: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Empty slots as NaN: DHNM skips them instead of taking the score of "" as a negative's."""
+    if scores is None or mask is None:
+        return scores
+    return scores.masked_fill(mask, float("nan"))
 
 
 def _vanilla_negative_scores(q, negs, shape: CbbShape, dim: int, device: torch.device) -> torch.Tensor | None:
@@ -176,16 +188,18 @@ def _vanilla_negative_scores(q, negs, shape: CbbShape, dim: int, device: torch.d
     return query_negative_scores(q.detach(), all_negs)
 
 
-def _vanilla_retrieval(q, p, negs, shape: CbbShape, mine: WorkerRoles, *, temperature: float, in_batch: bool,
-                       matryoshka: MatryoshkaLoss) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def _vanilla_retrieval(q, p, negs, neg_mask, shape: CbbShape, mine: WorkerRoles, *, temperature: float,
+                       in_batch: bool, matryoshka: MatryoshkaLoss) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Vanilla: L_ret = (1/G) sum_g InfoNCE(q, p, negatives of rank g only); no gather.
     Returns (the global L_ret detached on workers with retrieval ranks, this worker's share)."""
     n, rows = shape.negatives_per_rank, shape.retrieval_batch
     term = None
     if negs is not None:
         per_rank = negs.view(len(mine.retrieval_ranks), rows, n, -1)
-        losses = [retrieval_term(q, p, part, temperature=temperature, in_batch=in_batch, matryoshka=matryoshka)
-                  for part in per_rank]
+        masks = [neg_mask[:, g * n:(g + 1) * n] if neg_mask is not None else None for g in mine.retrieval_ranks]
+        losses = [retrieval_term(q, p, part, temperature=temperature, in_batch=in_batch, neg_mask=mask,
+                                 matryoshka=matryoshka)
+                  for part, mask in zip(per_rank, masks, strict=True)]
         term = torch.stack(losses).sum() / sum(len(r.retrieval_ranks) for r in shape.roles)
     zero = torch.zeros((), device=q.device if q is not None else None)
     total = _sum_over_workers(term.detach() if term is not None else zero)  # collective: every worker

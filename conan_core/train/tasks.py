@@ -29,7 +29,7 @@ from conan_core.train.batching import (
     rank_slice,
 )
 from conan_core.train.config import FinetuneConfig, PretrainConfig
-from conan_core.train.data import TokenBank, finetune_tasks, load_records, pretrain_pairs
+from conan_core.train.data import RetrievalExamples, TokenBank, finetune_tasks, load_records, pretrain_pairs
 from conan_core.train.objective import CbbShape, CbbWorkerBatch, Encoder, cbb_objective, pretrain_objective
 
 
@@ -111,12 +111,16 @@ class FinetuneTask:
         layout = config.layout
         self.n_total = layout.retrieval_group * config.negatives_per_rank
         self.retrieval, self.sts, self.counts = finetune_tasks(
-            load_records(data_dirs), classification_negatives=self.n_total, seed=config.seed)
+            load_records(data_dirs), classification_negatives=self.n_total, seed=config.seed,
+            classification_max_per_source=config.classification_max_per_source)
         if not len(self.retrieval):
             raise TrainDataError("finetuning needs retrieval examples (kinds retrieval/pair/classification)")
         if layout.sts_workers and not len(self.sts):
             raise TrainDataError(f"the layout has sts_workers={layout.sts_workers} but the data has no STS "
                                  "records (kind sts, or pairs with a score); set layout.sts_workers: 0")
+        if config.max_retrieval_queries is not None and len(self.retrieval) > config.max_retrieval_queries:
+            self.retrieval = _subset(self.retrieval, config.max_retrieval_queries, config.seed)
+            self.counts["retrieval_pool"] = len(self.retrieval)
         _fill_missing_negatives(self.retrieval.negatives, self.retrieval.positives, self.n_total, config.seed)
         self.roles = tuple(assign_roles(layout, self.world.size))
         self.shape = CbbShape(self.roles, config.retrieval_batch, config.negatives_per_rank, config.sts_batch,
@@ -128,9 +132,13 @@ class FinetuneTask:
             bank.lengths(self.retrieval.queries) + bank.lengths(self.retrieval.positives),
             config.retrieval_batch, seed=config.seed, bucket_batches=config.bucket_batches)}
         if layout.sts_workers:
+            # One source per STS batch: CoSENT compares gold scores, which only share a scale within a source.
+            sources = np.asarray(self.sts.sources)
+            by_source = [np.flatnonzero(sources == name) for name in sorted(set(self.sts.sources))]
             self.streams["sts"] = BatchStream(
-                "sts", [np.arange(len(self.sts))], bank.lengths(self.sts.first) + bank.lengths(self.sts.second),
-                config.sts_batch * layout.sts_workers, seed=config.seed, bucket_batches=config.bucket_batches)
+                "sts", by_source, bank.lengths(self.sts.first) + bank.lengths(self.sts.second),
+                config.sts_batch * layout.sts_workers, seed=config.seed, one_group_per_batch=True,
+                bucket_batches=config.bucket_batches)
         self.matryoshka = MatryoshkaLoss(config.matryoshka_dims)
 
     def steps_per_epoch(self) -> int:
@@ -148,10 +156,11 @@ class FinetuneTask:
         return (available[int(rng.choice(len(available), p=weights / weights.sum()))],)
 
     def _negatives_of(self, index: int) -> list[str]:
+        """The query's current negatives, each text once (DHNM's when it has a candidate list)."""
         own = self.retrieval.negatives[index]
-        if self.dyn is None or self.retrieval.ids[index] not in self.dyn.candidates.queries:
-            return own
-        return self.dyn.negatives(self.retrieval.ids[index]) or own
+        if self.dyn is not None and self.retrieval.ids[index] in self.dyn.candidates.queries:
+            own = self.dyn.negatives(self.retrieval.ids[index]) or own
+        return list(dict.fromkeys(own))
 
     def step(self, step: int) -> StepResult:
         tasks = self.tasks_for(step)
@@ -166,8 +175,14 @@ class FinetuneTask:
                 batch.queries = [self.retrieval.queries[i] for i in query_index]
                 batch.positives = [self.retrieval.positives[i] for i in query_index]
                 lists = [self._negatives_of(i) for i in query_index]
-                batch.negatives = {g: [negatives_slice(lst, g, self.config.negatives_per_rank) for lst in lists]
+                slots = {g: [negatives_slice(lst, g, self.config.negatives_per_rank) for lst in lists]
+                         for g in range(self.config.layout.retrieval_group)}
+                # An empty slot is encoded as "" (shapes must match across workers) and masked in the loss.
+                batch.negatives = {g: [[t if t is not None else "" for t in row] for row in slots[g]]
                                    for g in mine.retrieval_ranks}
+                batch.neg_mask = torch.tensor(
+                    [[t is None for g in sorted(slots) for t in slots[g][row]] for row in range(len(lists))],
+                    dtype=torch.bool, device=self.encode.device)
         if "sts" in tasks:
             sts_index = self.streams["sts"].next()
             ids += [self.sts.ids[i] for i in sts_index]
@@ -240,6 +255,15 @@ class FinetuneTask:
 
             self.dyn.replace_candidates(CandidateLists.load(Path(state["candidates_dir"])))
         self.dyn.load_state_dict(state)
+
+
+def _subset(examples: RetrievalExamples, size: int, seed: int) -> RetrievalExamples:
+    """A seeded random subset (in the original order), the same on every worker and every resumed run."""
+    keep = np.sort(np.random.default_rng([seed, 11]).choice(len(examples), size, replace=False))
+    out = RetrievalExamples()
+    for i in keep:
+        out.append(examples.ids[i], examples.queries[i], examples.positives[i], examples.negatives[i])
+    return out
 
 
 def _fill_missing_negatives(negatives: list[list[str]], positives: list[str], count: int, seed: int) -> None:
