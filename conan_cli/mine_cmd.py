@@ -21,7 +21,9 @@ def mine(
     corpus: Annotated[Path | None, typer.Option(help="Dataset dir to take the corpus from (default: --data).")] = None,
     workers: Annotated[int | None, typer.Option(help="Mining actors (default: one per shard, <= CPUs).")] = None,
     top_k: Annotated[int, typer.Option(help="Candidates kept per query, after the guards.")] = 100,
-    margin: Annotated[float | None, typer.Option(help="Keep a candidate only below positive score * margin.")] = None,
+    margin: Annotated[float | None, typer.Option(
+        help="Keep a candidate only below positive score * margin (default: the config's, 0.95).")] = None,
+    no_margin: Annotated[bool, typer.Option("--no-margin", help="Turn the positive-aware guard off.")] = False,
     index: Annotated[str, typer.Option(help="flat (exact) or ivf.")] = "flat",
     shard_rows: Annotated[int, typer.Option(help="Corpus documents per shard.")] = 20_000,
     skip_ranks: Annotated[int, typer.Option(help="DHNM windows start at this rank.")] = 10,
@@ -33,9 +35,10 @@ def mine(
     from conan_core.mining.config import MiningConfig
     from conan_core.mining.pool import run_mine
 
+    guard = {"margin": None} if no_margin else ({"margin": margin} if margin is not None else {})
     try:
-        config = MiningConfig(top_k=top_k, margin=margin, index=index, shard_rows=shard_rows,  # type: ignore[arg-type]
-                              skip_ranks=skip_ranks, workers=workers)
+        config = MiningConfig(top_k=top_k, index=index, shard_rows=shard_rows,  # type: ignore[arg-type]
+                              skip_ranks=skip_ranks, workers=workers, **guard)
     except ValidationError as err:
         first = err.errors()[0]
         raise ConanError(f"--{'-'.join(map(str, first['loc'])).replace('_', '-')}: {first['msg']}") from None

@@ -27,7 +27,10 @@ def run(
         help="Prefect storage block slug for task results (e.g. s3-bucket/conan); default: the work dir.")] = None,
     ray_address: Annotated[str | None, typer.Option(help="Ray cluster; default RAY_ADDRESS, else local.")] = None,
 ) -> None:
-    """Run clean -> extract -> mine -> pretrain -> finetune -> eval as the `conan-pipeline` Prefect flow.
+    """Run clean -> extract -> init -> pretrain -> mine -> finetune -> eval as the `conan-pipeline` Prefect flow.
+
+    At the end it prints where the outputs are and the final model's scores against its untrained start
+    model's, task by task.
 
     Uses the Prefect API at PREFECT_API_URL when it answers, else starts a local server for the run
     (and stops it afterwards). Rerunning after a failure serves finished stages from cache.
@@ -53,3 +56,10 @@ def run(
     typer.echo(f"evaluation results: {summary['eval_results']}")
     typer.echo(f"evaluation report:  {summary['eval_report']}")
     typer.echo(f"evaluation average: {summary['eval_average']}")
+    if summary.get("comparison"):
+        typer.echo(f"start model:        {summary['start_model']} (untrained; evaluation average "
+                   f"{summary['start_eval_average']})")
+        typer.echo(f"comparison:         {summary['comparison_path']}")
+        typer.echo("")
+        typer.echo("final model vs its untrained start model (scores x100):")
+        typer.echo(summary["comparison"].rstrip("\n"))

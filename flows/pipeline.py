@@ -1,5 +1,6 @@
-"""The `conan-pipeline` flow: clean -> extract LLM pairs -> init model -> mine hard negatives -> pretrain
--> finetune with dynamic mining -> evaluate.
+"""The `conan-pipeline` flow: clean -> extract LLM pairs -> init model -> pretrain -> mine hard negatives
+with the pretrained model -> finetune with dynamic mining -> evaluate the final model, and the untrained
+start (init) model with the same eval config, and compare the two task by task.
 
 Each stage is a Prefect task (tasks/) that calls one conan_core entry point and returns a small dict (the
 output path and its content fingerprint); the next stage takes that dict as input, so its cache key holds
@@ -92,18 +93,44 @@ def run_stages(plan: StagePlan, runner: StageRunner) -> dict[str, Any]:
     finetune_data = runner.run("clean-finetune", clean_task, **plan.clean_finetune)
     llm_pairs = runner.run("extract", extract_task, **plan.extract)
     base_model = runner.run("init-model", init_model_task, **plan.init_model)
-    candidates = runner.run("mine", mine_task, model=base_model, data=finetune_data, **plan.mine)
     pretrain_inputs = {"model": base_model, "data": [pretrain_data, llm_pairs], **plan.pretrain}
     pretrained = runner.run("pretrain", pretrain_task,
                             **{**pretrain_inputs, "output": keyed_dir(plan.pretrain["output"], pretrain_inputs)})
+    # Hard negatives come from the stage-1 model (its result dict, fingerprint included, keys the cache):
+    # finetuning starts from it, so what it ranks high is what the finetuned model confuses.
+    candidates = runner.run("mine", mine_task, model=pretrained, data=finetune_data, **plan.mine)
     finetune_inputs = {"model": pretrained, "data": [finetune_data], "candidates": candidates, **plan.finetune}
     finetuned = runner.run("finetune", finetune_task,
                            **{**finetune_inputs, "output": keyed_dir(plan.finetune["output"], finetune_inputs)})
     report = runner.run("evaluate", evaluate_task, model=finetuned, **plan.evaluate)
+    start_report = runner.run("evaluate-start", evaluate_task, model=base_model, **plan.evaluate_start)
+    comparison = write_comparison(start_report, report, plan.comparison)
     return {"model": finetuned["path"], "metrics": finetuned.get("metrics_path"),
             "pretrain_metrics": pretrained.get("metrics_path"), "eval_results": report["results"],
             "eval_report": report["report"], "eval_average": report.get("average"),
+            "start_model": base_model["path"], "start_eval_results": start_report["results"],
+            "start_eval_average": start_report.get("average"), "comparison": comparison["markdown"],
+            "comparison_path": comparison["path"], "not_better": comparison["not_better"],
             "stages": runner.results}
+
+
+def write_comparison(start_report: dict[str, Any], final_report: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The start-vs-final table (conan_core.eval.report) from the two evaluations' results.json: written to
+    `path` and published as the `evaluate-comparison` markdown artifact."""
+    from conan_core.eval.report import compare_results, format_comparison
+
+    start = json.loads(Path(start_report["results"]).read_text(encoding="utf-8"))
+    final = json.loads(Path(final_report["results"]).read_text(encoding="utf-8"))
+    comparison = compare_results(start, final)
+    markdown = format_comparison(comparison, start_label="start (untrained)", final_label="final")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(markdown, encoding="utf-8")
+    publish_markdown("evaluate-comparison", "## final model vs its untrained start model (scores x100)\n\n"
+                     + markdown, "evaluation: final model vs the untrained start (init) model, per task")
+    if comparison["not_better"]:
+        get_run_logger().warning("the final model is not better than its start model on: %s",
+                                 ", ".join(comparison["not_better"]))
+    return {"markdown": markdown, "path": str(path.resolve()), "not_better": comparison["not_better"]}
 
 
 def summary_markdown(summary: dict[str, Any]) -> str:
@@ -113,7 +140,11 @@ def summary_markdown(summary: dict[str, Any]) -> str:
              f"- pretrain metrics: `{summary['pretrain_metrics']}`",
              f"- evaluation results: `{summary['eval_results']}`",
              f"- evaluation report: `{summary['eval_report']}`",
-             f"- evaluation average: {summary['eval_average']}"]
+             f"- evaluation average: {summary['eval_average']}",
+             f"- start model (untrained): `{summary['start_model']}`, evaluation average "
+             f"{summary['start_eval_average']}",
+             f"- final vs start comparison: `{summary['comparison_path']}`",
+             "", "### final model vs its untrained start model (scores x100)", "", summary["comparison"]]
     return "\n".join(lines) + "\n"
 
 

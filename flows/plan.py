@@ -15,7 +15,8 @@ from tasks.evaluate import task_dirs_fingerprint
 
 @dataclass
 class StagePlan:
-    """Keyword arguments per stage, minus the upstream results the flow adds."""
+    """Keyword arguments per stage, minus the upstream results the flow adds; `comparison` is where the flow
+    writes the start-vs-final evaluation comparison (markdown)."""
 
     clean_pretrain: dict[str, Any]
     clean_finetune: dict[str, Any]
@@ -25,6 +26,8 @@ class StagePlan:
     pretrain: dict[str, Any]
     finetune: dict[str, Any]
     evaluate: dict[str, Any]
+    evaluate_start: dict[str, Any]
+    comparison: Path
 
 
 SHARED_PREFIX = "shared:"
@@ -70,12 +73,17 @@ def plan_stages(config: Any, root: Path) -> StagePlan:
     vocab_files = [str(p) for p in input_files(model.extend_vocab_from)] if model.extend_vocab_from else []
     init_options = {"pooling": model.pooling, "expand_dim": model.expand_dim,
                     "matryoshka_dims": model.matryoshka_dims, "max_seq_length": model.max_seq_length,
-                    "vocab_min_freq": model.vocab_min_freq, "vocab_max_new": model.vocab_max_new}
+                    "vocab_min_freq": model.vocab_min_freq, "vocab_max_new": model.vocab_max_new,
+                    "vocab_init": model.vocab_init}
     init = {"base": str(model.base), "base_fingerprint": _base_fingerprint(str(model.base)),
             "output": str(root / "models" / "init"), "options": init_options, "vocab_texts": vocab_files,
             "vocab_fingerprint": fingerprint_paths(vocab_files)}
     mining = config.mining.model_dump(mode="json")
     workers = config.workers
+    # The final and the untrained start model are scored with the same eval config, each into its own
+    # folder under eval/ (a stage's output dir is fingerprinted whole, so neither may hold the other's).
+    evaluate = {"config": config.eval.model_dump(mode="json"),
+                "task_dirs_hash": task_dirs_fingerprint([str(d) for d in config.eval.task_dirs])}
     return StagePlan(
         clean_pretrain=clean_pretrain, clean_finetune=clean_finetune, extract=extract, init_model=init,
         mine={"output": str(root / "candidates"), "config": mining, "workers": config.mining.workers},
@@ -83,6 +91,7 @@ def plan_stages(config: Any, root: Path) -> StagePlan:
                   "workers": workers},
         finetune={"output": str(root / "finetune"), "config": config.finetune.model_dump(mode="json"),
                   "mining": mining, "workers": workers},
-        evaluate={"output_dir": str(root / "eval"), "config": config.eval.model_dump(mode="json"),
-                  "task_dirs_hash": task_dirs_fingerprint([str(d) for d in config.eval.task_dirs])},
+        evaluate={**evaluate, "output_dir": str(root / "eval" / "final")},
+        evaluate_start={**evaluate, "output_dir": str(root / "eval" / "start"), "stage": "evaluate-start"},
+        comparison=root / "eval" / "comparison.md",
     )

@@ -24,11 +24,13 @@ def task_dirs_fingerprint(task_dirs: list[str]) -> str:
     return fingerprint_paths(present) + ":" + ",".join(sorted(set(task_dirs) - set(present)))
 
 
-@task(**stage_task_options("evaluate", retries=0))
+@task(**stage_task_options("evaluate", run_name="{stage}", retries=0))
 def evaluate_task(model: dict[str, Any], output_dir: str, config: dict[str, Any],
-                  task_dirs_hash: str) -> dict[str, Any]:
+                  task_dirs_hash: str, stage: str = "evaluate") -> dict[str, Any]:
     """Evaluate `model` (upstream result) on the configured tasks; writes results.json and report.md.
-    `task_dirs_hash` (content hash of the drop-in task folders) keys the cache on their data."""
+    `task_dirs_hash` (content hash of the drop-in task folders) keys the cache on their data. `stage` names
+    the task run and prefixes its artifact keys (the flow evaluates the final model as `evaluate` and the
+    untrained start model as `evaluate-start`)."""
     from conan_core.eval.config import EvalConfig
     from conan_core.eval.run import format_table, run_eval
 
@@ -42,15 +44,15 @@ def evaluate_task(model: dict[str, Any], output_dir: str, config: dict[str, Any]
                     entry.get("main_score"))
 
     # tasks=None and no extra folders: run_eval takes both from the config (passing them too would double them)
-    results, _ = call_logged("evaluate", run_eval, Path(model["path"]), tasks=None, task_dirs=[],
+    results, _ = call_logged(stage, run_eval, Path(model["path"]), tasks=None, task_dirs=[],
                              output=out / "results.json", config=eval_config, on_task=log_task)
     table = format_table(results)
     (out / "report.md").write_text(table + "\n", encoding="utf-8")
-    publish_table("evaluate-results", [{key: task_result.get(key) for key in ("name", "type", "split", "main_score")}
+    publish_table(f"{stage}-results", [{key: task_result.get(key) for key in ("name", "type", "split", "main_score")}
                                        for task_result in results.get("tasks", [])],
-                  f"evaluation: main score per task; average {results.get('average')}")
-    publish_markdown("evaluate-report", table, "evaluation report (markdown table)")
-    publish_link("evaluate-results-json", out / "results.json", "evaluation results JSON")
-    logger.info("evaluation average: %s\n%s", results.get("average"), table)
+                  f"{stage}: main score per task; average {results.get('average')}")
+    publish_markdown(f"{stage}-report", table, f"{stage}: evaluation report (markdown table)")
+    publish_link(f"{stage}-results-json", out / "results.json", f"{stage}: evaluation results JSON")
+    logger.info("%s: evaluation average %s\n%s", stage, results.get("average"), table)
     return stage_output(out, results=str((out / "results.json").resolve()),
                         report=str((out / "report.md").resolve()), average=results.get("average"))

@@ -11,7 +11,7 @@ from conan_core.errors import ConanError
 from conan_core.eval.config import EvalConfig
 from conan_core.eval.data import LabelledTexts, PairData, RetrievalData, subsample
 from conan_core.eval.readers import TaskDataError
-from conan_core.eval.report import format_table, summarize
+from conan_core.eval.report import compare_results, format_comparison, format_table, summarize
 from conan_core.eval.run import resolve_specs, run_eval
 from conan_core.eval.spec import UnknownTaskError
 from conan_core.eval.taskdir import load_task_dir
@@ -276,6 +276,36 @@ def test_format_table_and_average() -> None:
     table = format_table(result)
     assert "| B | STS | dev | cosine_spearman | 70.00 | 5 (subsampled) |" in table
     assert "| **average** (3 tasks) | | | | 50.00 | |" in table
+
+
+def test_comparison_reports_deltas_averages_and_the_tasks_not_improved() -> None:
+    def result(model: str, scores: dict[str, float]) -> dict:
+        return summarize(model, "r", [{"name": name, "type": "STS" if name != "Ret" else "Retrieval",
+                                       "split": "test", "main_score": score} for name, score in scores.items()])
+
+    start = result("conan/init", {"A": 0.40, "B": 0.50, "Ret": 0.30, "OnlyStart": 0.9})
+    final = result("conan/model", {"A": 0.55, "B": 0.45, "Ret": 0.30, "OnlyFinal": 0.1})
+    comparison = compare_results(start, final)
+    rows = {row["name"]: row for row in comparison["tasks"]}
+    assert list(rows) == ["A", "B", "Ret"]  # the final result's order, common tasks only
+    assert rows["A"]["delta"] == pytest.approx(0.15) and rows["B"]["delta"] == pytest.approx(-0.05)
+    assert (rows["B"]["start"], rows["B"]["final"]) == (0.50, 0.45)
+    assert comparison["start_average"] == pytest.approx(0.40)
+    assert comparison["final_average"] == pytest.approx(1.3 / 3)
+    assert comparison["delta_average"] == pytest.approx(0.1 / 3)
+    assert comparison["not_better"] == ["B", "Ret"]  # worse, and equal: not better
+    assert (comparison["only_start"], comparison["only_final"]) == (["OnlyStart"], ["OnlyFinal"])
+
+    table = format_comparison(comparison, start_label="start", final_label="final")
+    assert "| A | STS | test | 40.00 | 55.00 | +15.00 |" in table
+    assert "| B | STS | test | 50.00 | 45.00 | -5.00 |" in table
+    assert "| **average** (3 tasks) | | | 40.00 | 43.33 | +3.33 |" in table
+    assert "The final model is NOT better than the start model on 2 of 3 tasks: B, Ret." in table
+    assert "not compared): OnlyStart." in table and "not compared): OnlyFinal." in table
+
+    better = format_comparison(compare_results(start, result("conan/model", {"A": 0.5, "B": 0.6, "Ret": 0.4})))
+    assert "better than the start model on every task (3)" in better and "NOT" not in better
+    assert "No task was scored for both models." in format_comparison(compare_results(start, result("m", {})))
 
 
 # ---- built-in tasks on the shipped model, small subsample ----------------------------------------------------------

@@ -1,7 +1,8 @@
 """End to end with real Prefect on 127.0.0.1 (one server for the module) and local Ray: the tiny pipeline
-completes with every stage's artifacts; a failed stage, once fixed, reruns alone while the stages before it
-come back Cached; the prefect.yaml deployment carries its cron schedule and a `prefect deployment run` is
-picked up by a process worker and completes."""
+completes with every stage's artifacts and compares its final model with its untrained start model; a
+failed stage, once fixed, reruns alone while the stages before it come back Cached; the prefect.yaml
+deployment carries its cron schedule and a `prefect deployment run` is picked up by a process worker and
+completes."""
 
 from __future__ import annotations
 
@@ -23,8 +24,9 @@ from flows.server import PrefectServer, drain_prefect_clients, start_server, sto
 
 pytestmark = pytest.mark.slow
 
-STAGES = ["clean-pretrain", "clean-finetune", "extract-instruct", "init-model", "mine", "pretrain", "finetune",
-          "evaluate"]
+# In run order: hard negatives are mined with the pretrained model; the untrained start model is evaluated last.
+STAGES = ["clean-pretrain", "clean-finetune", "extract-instruct", "init-model", "pretrain", "mine", "finetune",
+          "evaluate", "evaluate-start"]
 PREFECT = str(Path(sys.executable).parent / "prefect")
 
 
@@ -80,7 +82,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "model": {"base": str(model_dir), "max_seq_length": 32,
                   "extend_vocab_from": [str(p) for p in inputs.values()]},
         "clean": {"near_dedup": False},
-        "mining": {"top_k": 12, "skip_ranks": 2, "workers": 1, "dhnm": {"check_every": 2, "n_negatives": 2}},
+        "mining": {"top_k": 12, "skip_ranks": 2, "workers": 1, "dhnm": {"check_every": 2}},
         "pretrain": {"steps": 3, "batch_size": 8, "checkpoint_every": 3, "max_length": 32},
         "finetune": {"steps": 3, "retrieval_batch": 2, "sts_batch": 4, "negatives_per_rank": 2,
                      "checkpoint_every": 3, "max_length": 32},
@@ -184,7 +186,8 @@ def test_tiny_pipeline_completes_with_artifacts(server: PrefectServer, undisturb
     expected = {"clean-pretrain-counts", "clean-finetune-counts", "extract-instruct-counts", "init-model-report",
                 "init-model-dir", "mine-counts", "mine-candidates", "pretrain-curves", "pretrain-model",
                 "pretrain-progress", "finetune-curves", "finetune-model", "finetune-progress", "evaluate-results",
-                "evaluate-report", "pipeline-outputs"}
+                "evaluate-report", "evaluate-start-results", "evaluate-start-report", "evaluate-comparison",
+                "pipeline-outputs"}
     assert expected <= keys, expected - keys
     assert artifacts["pretrain-progress"] == artifacts["finetune-progress"] == 100.0
     assert "loss per step" in artifacts["finetune-curves"]
@@ -193,6 +196,17 @@ def test_tiny_pipeline_completes_with_artifacts(server: PrefectServer, undisturb
     assert (Path(summary["model"]) / "modules.json").is_file()
     assert Path(summary["eval_report"]).read_text().strip()
     assert set(_main_scores(summary)) == {"TinySTS"}
+    # Mined with the pretrained model, not the init model.
+    candidates = json.loads((Path(summary["stages"]["mine"]["path"]) / "manifest.json").read_text())
+    assert candidates["config"]["mined_by"]["model_path"] == summary["stages"]["pretrain"]["path"]
+    # The untrained start model is scored on the same tasks, and the comparison names both scores.
+    start = json.loads(Path(summary["start_eval_results"]).read_text())
+    assert [task["name"] for task in start["tasks"]] == ["TinySTS"]
+    assert Path(summary["start_eval_results"]).parent != Path(summary["eval_results"]).parent
+    comparison = Path(summary["comparison_path"]).read_text()
+    assert comparison == summary["comparison"] and "| TinySTS | STS |" in comparison
+    assert ("NOT better" in comparison) == (summary["not_better"] == ["TinySTS"])
+    assert "TinySTS" in artifacts["evaluate-comparison"]
 
 
 def test_failed_stage_reruns_alone_and_matches_undisturbed_run(server: PrefectServer, tiny: dict[str, Any],
@@ -204,13 +218,15 @@ def test_failed_stage_reruns_alone_and_matches_undisturbed_run(server: PrefectSe
     failed = _run(server, tiny["config"], out_dir, overrides)
     assert failed.is_failed()
     states = _task_states(server, failed.state_details.flow_run_id)
-    assert states == {**{stage: "Completed" for stage in STAGES[:-1]}, "evaluate": "Failed"}
+    # evaluate fails; evaluate-start (after it) never starts
+    assert states == {**{stage: "Completed" for stage in STAGES[:-2]}, "evaluate": "Failed"}
 
     shutil.copytree(tiny["task_dir"], missing)  # the fix: the task folder eval was pointed at now exists
     rerun = _run(server, tiny["config"], out_dir, overrides)
     assert rerun.is_completed(), rerun.message
     states = _task_states(server, rerun.state_details.flow_run_id)
-    assert states == {**{stage: "Cached" for stage in STAGES[:-1]}, "evaluate": "Completed"}
+    assert states == {**{stage: "Cached" for stage in STAGES[:-2]}, "evaluate": "Completed",
+                      "evaluate-start": "Completed"}
 
     summary, reference = rerun.result(), undisturbed["summary"]
     assert _weights(summary["model"]) == _weights(reference["model"])
@@ -283,7 +299,7 @@ def test_conan_run_joins_the_running_server_and_prints_outputs(server: PrefectSe
 
     from conan_cli.main import app
 
-    shutil.rmtree(tiny["root"] / "run-a" / "eval")  # a cached stage whose output is gone must run again
+    shutil.rmtree(tiny["root"] / "run-a" / "eval" / "final")  # a cached stage whose output is gone must run again
     before = _local_flow_run_ids(server)
     result = CliRunner().invoke(app, ["run", "--config", str(tiny["config"]),
                                       "--out-dir", str(tiny["root"] / "run-a")])
@@ -292,8 +308,11 @@ def test_conan_run_joins_the_running_server_and_prints_outputs(server: PrefectSe
     (flow_run_id,) = _local_flow_run_ids(server) - before
     runs = _task_run_states(server, flow_run_id)
     assert sorted(runs) == sorted([(stage, "Cached") for stage in STAGES] + [("evaluate", "Completed")])
-    assert (tiny["root"] / "run-a" / "eval" / "results.json").is_file()
+    assert (tiny["root"] / "run-a" / "eval" / "final" / "results.json").is_file()
     summary = undisturbed["summary"]
     for label, key in (("model:", "model"), ("evaluation results:", "eval_results"),
                        ("evaluation report:", "eval_report")):
         assert any(line.startswith(label) and line.endswith(summary[key]) for line in result.output.splitlines())
+    # The comparison with the untrained start model is printed after the paths.
+    assert "final model vs its untrained start model" in result.output
+    assert "| TinySTS | STS |" in result.output and "| **average** (1 tasks) |" in result.output

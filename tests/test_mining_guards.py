@@ -41,6 +41,13 @@ def test_guards_drop_positives_equal_texts_and_margin_violators() -> None:
     assert kept == [3, 2]
 
 
+def test_positive_aware_margin_is_on_by_default() -> None:
+    from conan_core.mining.config import MiningConfig
+
+    assert MiningConfig().margin == 0.95  # NV-Retriever TopK-PercPos
+    assert MiningConfig(margin=None).margin is None  # still possible to turn off
+
+
 def test_sharded_search_merged_equals_one_global_flat_index() -> None:
     configure_faiss(1)
     corpus, queries = unit_rows(1000, 24, seed=0), unit_rows(50, 24, seed=1)

@@ -123,7 +123,8 @@ def global_top(corpus_vectors: np.ndarray, query_vectors: np.ndarray, k: int) ->
 def test_run_mine_then_remine_with_cache(ray_running, data_dir: Path, model_dir: Path, tmp_path: Path) -> None:
     from conan_core.model import ConanEmbedder
 
-    config = MiningConfig(top_k=30, shard_rows=60, cache_dir=str(tmp_path / "cache"))
+    # margin=None: compared below with a global index under the text guards only (the margin has its own test)
+    config = MiningConfig(top_k=30, shard_rows=60, margin=None, cache_dir=str(tmp_path / "cache"))
     manifest = run_mine(model_dir, data_dir, tmp_path / "cands", config, workers=2)
     model = ConanEmbedder.load(model_dir)
     assert manifest["config"]["mined_by"]["fingerprint"] == model.fingerprint()
@@ -233,13 +234,24 @@ def test_cli_mine_writes_candidates(ray_running, data_dir: Path, model_dir: Path
 
     from conan_cli.main import app
 
-    result = CliRunner().invoke(app, ["mine", "--model", str(model_dir), "--data", str(data_dir),
-                                      "--out", str(tmp_path / "c"), "--top-k", "12", "--workers", "1",
-                                      "--index", "ivf"])
-    assert result.exit_code == 0, result.output
-    assert "mined by" in result.output
-    lists = CandidateLists.load(tmp_path / "c")
-    assert len(lists.queries) == 40 and all(len(q.doc_ids) == 12 for q in lists.queries.values())
+    def mine(out: Path, *extra: str) -> CandidateLists:
+        result = CliRunner().invoke(app, ["mine", "--model", str(model_dir), "--data", str(data_dir),
+                                          "--out", str(out), "--top-k", "12", "--workers", "1", "--index", "ivf",
+                                          *extra])
+        assert result.exit_code == 0, result.output
+        assert "mined by" in result.output
+        return CandidateLists.load(out)
+
+    # Default: the positive-aware guard (margin 0.95) is on; the tiny random model scores everything close to
+    # the positive, and IVF only probes some lists, so a list can hold fewer than 12 (even none).
+    guarded = mine(tmp_path / "c")
+    assert guarded.mining_config["margin"] == 0.95
+    assert len(guarded.queries) == 40 and any(q.doc_ids for q in guarded.queries.values())
+    for entry in guarded.queries.values():
+        assert len(entry.doc_ids) <= 12 and all(s < 0.95 * entry.positive_score for s in entry.scores)
+    unguarded = mine(tmp_path / "c-no-margin", "--no-margin")
+    assert unguarded.mining_config["margin"] is None
+    assert len(unguarded.queries) == 40 and all(len(q.doc_ids) == 12 for q in unguarded.queries.values())
 
 
 def test_cli_mine_bad_model_is_one_line(data_dir: Path, tmp_path: Path) -> None:

@@ -5,6 +5,9 @@ Result JSON:
      "n_samples", "subsample", "source", "note", "eval_seconds"}], "categories": {type: mean main score},
      "average": mean over tasks}
 Scores are mteb's (0..1); the table prints them x100 like the C-MTEB leaderboard.
+
+`compare_results(start, final)` lines two such results up task by task (the pipeline's untrained start
+model against its final model) and `format_comparison` prints that as markdown.
 """
 
 from __future__ import annotations
@@ -51,4 +54,61 @@ def format_table(result: dict[str, Any]) -> str:
     for task_type, score in result["categories"].items():
         lines.append(f"| **{task_type}** (mean) | | | | {_pct(score)} | |")
     lines.append(f"| **average** ({len(result['tasks'])} tasks) | | | | {_pct(result['average'])} | |")
+    return "\n".join(lines) + "\n"
+
+
+def compare_results(start: dict[str, Any], final: dict[str, Any]) -> dict[str, Any]:
+    """Per task scored in both results: the start score, the final score and final - start, in the final
+    result's task order; the averages over those common tasks; the tasks where the final model is not
+    better (final <= start); and the tasks only one of the two results has.
+
+    Returns {"start_model", "final_model", "tasks": [{"name", "type", "split", "start", "final", "delta"}],
+    "start_average", "final_average", "delta_average", "not_better": [names], "only_start": [names],
+    "only_final": [names]} (averages None when no task is common)."""
+    start_by_name = {task["name"]: task for task in start.get("tasks", [])}
+    final_names = {task["name"] for task in final.get("tasks", [])}
+    rows = []
+    for task in final.get("tasks", []):
+        before = start_by_name.get(task["name"])
+        if before is None:
+            continue
+        start_score, final_score = float(before["main_score"]), float(task["main_score"])
+        rows.append({"name": task["name"], "type": task.get("type"), "split": task.get("split"),
+                     "start": start_score, "final": final_score, "delta": final_score - start_score})
+    start_average = mean(row["start"] for row in rows) if rows else None
+    final_average = mean(row["final"] for row in rows) if rows else None
+    return {"start_model": start.get("model"), "final_model": final.get("model"), "tasks": rows,
+            "start_average": start_average, "final_average": final_average,
+            "delta_average": None if not rows else final_average - start_average,
+            "not_better": [row["name"] for row in rows if not row["final"] > row["start"]],
+            "only_start": [name for name in start_by_name if name not in final_names],
+            "only_final": [task["name"] for task in final.get("tasks", []) if task["name"] not in start_by_name]}
+
+
+def _signed_pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:+.2f}"
+
+
+def format_comparison(comparison: dict[str, Any], *, start_label: str = "start", final_label: str = "final") -> str:
+    """Markdown: one row per common task (start, final, delta; x100), the averages, then one line naming
+    the tasks where the final model is not better than the start model (or saying there are none)."""
+    lines = [f"| task | type | split | {start_label} | {final_label} | delta |", "|---|---|---|---:|---:|---:|"]
+    for row in comparison["tasks"]:
+        lines.append(f"| {row['name']} | {row['type']} | {row['split']} | {_pct(row['start'])} "
+                     f"| {_pct(row['final'])} | {_signed_pct(row['delta'])} |")
+    lines.append(f"| **average** ({len(comparison['tasks'])} tasks) | | | {_pct(comparison['start_average'])} "
+                 f"| {_pct(comparison['final_average'])} | {_signed_pct(comparison['delta_average'])} |")
+    lines.append("")
+    if not comparison["tasks"]:
+        lines.append("No task was scored for both models.")
+    elif comparison["not_better"]:
+        lines.append(f"The {final_label} model is NOT better than the {start_label} model on "
+                     f"{len(comparison['not_better'])} of {len(comparison['tasks'])} tasks: "
+                     + ", ".join(comparison["not_better"]) + ".")
+    else:
+        lines.append(f"The {final_label} model is better than the {start_label} model on every task "
+                     f"({len(comparison['tasks'])}).")
+    for key, label in (("only_start", start_label), ("only_final", final_label)):
+        if comparison.get(key):
+            lines.append(f"Scored for the {label} model only (not compared): {', '.join(comparison[key])}.")
     return "\n".join(lines) + "\n"
