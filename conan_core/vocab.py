@@ -187,10 +187,9 @@ def _start_row(model: ConanEmbedder, old: torch.Tensor, init: VocabInit) -> torc
     if init == "unk":
         return old[model.tokenizer.unk_token_id]
     if init == "cjk_mean":
-        vocab = model.tokenizer.get_vocab()
-        cjk = [i for token, i in vocab.items() if len(token) == 1 and is_cjk(token) and i < old.shape[0]]
-        if cjk:
-            return old[cjk].mean(dim=0)
-    if init not in ("mean", "cjk_mean"):
-        raise ConanError(f"unknown vocabulary init {init!r} (mean, cjk_mean, unk)")
-    return old.mean(dim=0)
+        cjk = [i for token, i in model.tokenizer.get_vocab().items()
+               if len(token) == 1 and is_cjk(token) and i < old.shape[0]]
+        return old[cjk].mean(dim=0) if cjk else old.mean(dim=0)
+    if init == "mean":
+        return old.mean(dim=0)
+    raise ConanError(f"unknown vocabulary init {init!r} (mean, cjk_mean, unk)")

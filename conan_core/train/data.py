@@ -57,6 +57,13 @@ class RetrievalExamples:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def select(self, indices) -> RetrievalExamples:
+        """The examples at `indices`, in that order."""
+        out = RetrievalExamples()
+        for i in indices:
+            out.append(self.ids[i], self.queries[i], self.positives[i], self.negatives[i])
+        return out
+
     def append(self, id_: str, query: str, positive: str, negatives: list[str]) -> None:
         self.ids.append(id_)
         self.queries.append(query)
@@ -147,15 +154,11 @@ def classification_as_retrieval(rows: list[dict], n_negatives: int, seed: int = 
                 partner = members[(i + 1 + int(rng.integers(len(members) - 1))) % len(members)]
                 picks = rng.choice(len(others), size=min(n_negatives, len(others)), replace=False)
                 converted.append(row["id"], row["query"], partner["query"], [others[j] for j in picks])
-        _append_capped(out, converted, max_per_source, rng)
+        if max_per_source is not None and len(converted) > max_per_source:
+            converted = converted.select(sorted(rng.choice(len(converted), max_per_source, replace=False)))
+        for i in range(len(converted)):
+            out.append(converted.ids[i], converted.queries[i], converted.positives[i], converted.negatives[i])
     return out
-
-
-def _append_capped(out: RetrievalExamples, part: RetrievalExamples, cap: int | None,
-                   rng: np.random.Generator) -> None:
-    keep = range(len(part)) if cap is None or len(part) <= cap else sorted(rng.choice(len(part), cap, replace=False))
-    for i in keep:
-        out.append(part.ids[i], part.queries[i], part.positives[i], part.negatives[i])
 
 
 class TokenBank:

@@ -29,7 +29,7 @@ from conan_core.train.batching import (
     rank_slice,
 )
 from conan_core.train.config import FinetuneConfig, PretrainConfig
-from conan_core.train.data import RetrievalExamples, TokenBank, finetune_tasks, load_records, pretrain_pairs
+from conan_core.train.data import TokenBank, finetune_tasks, load_records, pretrain_pairs
 from conan_core.train.objective import CbbShape, CbbWorkerBatch, Encoder, cbb_objective, pretrain_objective
 
 
@@ -119,7 +119,10 @@ class FinetuneTask:
             raise TrainDataError(f"the layout has sts_workers={layout.sts_workers} but the data has no STS "
                                  "records (kind sts, or pairs with a score); set layout.sts_workers: 0")
         if config.max_retrieval_queries is not None and len(self.retrieval) > config.max_retrieval_queries:
-            self.retrieval = _subset(self.retrieval, config.max_retrieval_queries, config.seed)
+            # A seeded subset in the original order: the same on every worker and every resumed run.
+            rng = np.random.default_rng([config.seed, 11])
+            self.retrieval = self.retrieval.select(
+                np.sort(rng.choice(len(self.retrieval), config.max_retrieval_queries, replace=False)))
             self.counts["retrieval_pool"] = len(self.retrieval)
         _fill_missing_negatives(self.retrieval.negatives, self.retrieval.positives, self.n_total, config.seed)
         self.roles = tuple(assign_roles(layout, self.world.size))
@@ -255,15 +258,6 @@ class FinetuneTask:
 
             self.dyn.replace_candidates(CandidateLists.load(Path(state["candidates_dir"])))
         self.dyn.load_state_dict(state)
-
-
-def _subset(examples: RetrievalExamples, size: int, seed: int) -> RetrievalExamples:
-    """A seeded random subset (in the original order), the same on every worker and every resumed run."""
-    keep = np.sort(np.random.default_rng([seed, 11]).choice(len(examples), size, replace=False))
-    out = RetrievalExamples()
-    for i in keep:
-        out.append(examples.ids[i], examples.queries[i], examples.positives[i], examples.negatives[i])
-    return out
 
 
 def _fill_missing_negatives(negatives: list[list[str]], positives: list[str], count: int, seed: int) -> None:
