@@ -25,10 +25,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from conan_core.errors import ModelLoadError
+from conan_core.errors import ModelLoadError, WeightsFileError
 
 SHIPPED_MODEL_NAME = "all-MiniLM-L6-v2"
 CONAN_CONFIG_FILE = "conan.json"
@@ -266,12 +267,22 @@ def _load_encoder(model_dir: Path) -> tuple[nn.Module, Any]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
         encoder = AutoModel.from_pretrained(str(model_dir), local_files_only=True, use_safetensors=None)
+    except SafetensorError as err:
+        raise _weights_error(model_dir, err) from None
     except (OSError, ValueError, KeyError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelLoadError(f"cannot load model from {model_dir}: {first_line}") from None
     if getattr(encoder, "pooler", None) is not None:
         encoder.pooler = None  # BERT's [CLS] pooler is never used by sentence embeddings: don't train or save it
     return encoder, tokenizer
+
+
+def _weights_error(where: Path, err: Exception) -> ModelLoadError:
+    """A truncated, empty or corrupt safetensors file, named (the library's message does not name it)."""
+    files = [where] if where.is_file() else sorted(where.glob("*.safetensors"))
+    named = ", ".join(str(f) for f in files) or f"the weights in {where}"
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return WeightsFileError(f"{named}: truncated or corrupt safetensors file ({first_line})")
 
 
 def _load_dense(model_dir: Path) -> nn.Linear | None:
@@ -287,7 +298,10 @@ def _load_dense(model_dir: Path) -> nn.Linear | None:
         raise ModelLoadError(f"{dense_dir}: only an Identity activation is supported")
     weights_file = dense_dir / "model.safetensors"
     if weights_file.is_file():
-        state = load_file(str(weights_file))
+        try:
+            state = load_file(str(weights_file))
+        except SafetensorError as err:
+            raise _weights_error(weights_file, err) from None
     else:
         state = torch.load(dense_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
     dense = nn.Linear(config["in_features"], config["out_features"], bias=config.get("bias", True))

@@ -8,10 +8,11 @@ is catalogued for training (see README.md, "Data stages").
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from conan_core.errors import ConanError
-from conan_core.io.readers import FieldMap, ReadSpec, sniff_spec
+from conan_core.io.readers import FieldMap, ReaderError, ReadSpec, sniff_spec
 from conan_core.paths import shared_data_dir
 from conan_core.schema import KIND_CLASSIFICATION, KIND_PAIR, KIND_RETRIEVAL, KIND_STS
 
@@ -61,7 +62,7 @@ TRAIN_FILES: dict[str, ReadSpec] = {
     # retrieval with negatives (finetuning)
     "pairs/simclue_train/train_rank_1w.json": ReadSpec(
         "jsonl", "simclue_rank", "zh", FieldMap(kind=KIND_RETRIEVAL, query="query", positive="title",
-                                                negatives="neg_title")),
+                                                negatives="neg_title", single_negative=True)),
     "pairs/text2vec_bge_zh/bge_finetune_data.jsonl": ReadSpec("bge", "text2vec_bge_zh", "zh"),
     # STS (finetuning)
     "eval/chinese_stsb/train.txt": _tsv_sts("chinese_stsb_train"),
@@ -205,14 +206,18 @@ def catalog_table() -> list[dict[str, str]]:
 
 def spec_for_path(path: Path, *, variant: str | None = None) -> ReadSpec:
     """The catalog's spec for a shared-data file, else a spec sniffed from the file itself."""
+    if Path(path).is_symlink() and not Path(path).exists():
+        raise ReaderError(f"{path}: broken symbolic link (to {os.readlink(path)})")
     path = Path(path).resolve()
     try:
         key = path.relative_to(shared_data_dir()).as_posix()
     except ValueError:
-        return sniff_spec(path)
-    if variant:
-        key = f"{key}#{variant}"
-    return _ALL_SPECS.get(key) or sniff_spec(path)
+        key = None
+    if key is not None:
+        spec = _ALL_SPECS.get(f"{key}#{variant}" if variant else key)
+        if spec is not None:
+            return spec
+    return sniff_spec(path)
 
 
 def resolve_inputs(inputs: list[Path | str]) -> list[tuple[Path, ReadSpec]]:

@@ -2,9 +2,11 @@
 
 The manifest lists every shard with its row count and sha256, the config that produced it, the
 input files' checksums and the kept/dropped counts. Writes are atomic: the old manifest is removed
-first, each shard is written to a temp file and renamed, and the new manifest is renamed into place
-last. So an interrupted run leaves either no manifest (the dir is not a dataset) or a manifest whose
-shards are all complete. Writing the same table with the same config gives byte-identical files.
+first, each shard is written to a temp file, fsynced and renamed, the shard folders are fsynced, and
+the new manifest is fsynced and renamed into place last. So an interrupted run or a power cut leaves
+either no manifest (the dir is not a dataset) or a manifest whose shards are all complete on disk.
+Writing the same table with the same config gives byte-identical files. A manifest that is not a
+JSON object with well-formed `shards` / `quarantine_shards` lists is a DatasetIntegrityError.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from conan_core.errors import ConanError, DatasetIntegrityError
+from conan_core.errors import ConanError, DatasetIntegrityError, OutputWriteError
 from conan_core.schema import SCHEMA_VERSION
 
 MANIFEST_NAME = "manifest.json"
@@ -48,6 +50,15 @@ def describe_inputs(inputs: list[Path]) -> list[dict[str, Any]]:
     return described
 
 
+def _fsync_path(path: Path) -> None:
+    """Flush a written file's data (or a directory's entries, after renames) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as handle:
@@ -55,12 +66,14 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+    _fsync_path(path.parent)
 
 
 def _write_shard(table: pa.Table, path: Path) -> dict[str, Any]:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     # No statistics timestamps or writer ids vary between runs, so equal tables give equal bytes.
     pq.write_table(table, tmp, compression="zstd", row_group_size=min(max(table.num_rows, 1), 50_000))
+    _fsync_path(tmp)  # on disk before the manifest (fsynced last) can point at it
     os.replace(tmp, path)
     return {"path": path.relative_to(path.parent.parent).as_posix(), "rows": table.num_rows,
             "sha256": sha256_file(path)}
@@ -73,8 +86,10 @@ def _write_shards(table: pa.Table, folder: Path, shard_rows: int) -> list[dict[s
     for stale in folder.glob(".*.tmp-*"):
         stale.unlink()
     starts = range(0, max(table.num_rows, 1), shard_rows)  # an empty table still gets one shard (its schema)
-    return [_write_shard(table.slice(start, shard_rows), folder / f"part-{index:05d}.parquet")
-            for index, start in enumerate(starts)]
+    shards = [_write_shard(table.slice(start, shard_rows), folder / f"part-{index:05d}.parquet")
+              for index, start in enumerate(starts)]
+    _fsync_path(folder)  # the renames too
+    return shards
 
 
 def write_dataset(out_dir: Path, records: pa.Table, quarantine: pa.Table | None, *, config: dict,
@@ -83,6 +98,42 @@ def write_dataset(out_dir: Path, records: pa.Table, quarantine: pa.Table | None,
     if shard_rows < 1:
         raise ConanError(f"shard_rows must be >= 1, got {shard_rows}")
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputWriteError(f"{out_dir}: cannot write the dataset (exists and is not a directory)")
+    try:
+        described = describe_inputs(inputs)
+    except OSError as err:
+        raise ConanError(f"cannot read an input to checksum it ({_os_reason(err)})") from None
+    try:
+        return _write_dataset(out_dir, records, quarantine, config=config, inputs=described, counts=counts,
+                              shard_rows=shard_rows)
+    except OSError as err:
+        raise OutputWriteError(f"{out_dir}: cannot write the dataset ({_os_reason(err)})") from None
+
+
+def _os_reason(err: OSError) -> str:
+    reason = err.strerror or type(err).__name__
+    return f"{reason}: {err.filename}" if err.filename else reason
+
+
+def ensure_writable_dir(path: Path) -> None:
+    """ConanError unless `path` is (or can be created as) a directory this process can write into.
+
+    Stages can call it before their work, so an unwritable output fails in a second, not at the end."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputWriteError(f"{path}: cannot write the output directory (exists and is not a directory)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise OutputWriteError(f"{path}: cannot write the output directory ({_os_reason(err)})") from None
+
+
+def _write_dataset(out_dir: Path, records: pa.Table, quarantine: pa.Table | None, *, config: dict,
+                   inputs: list[dict[str, Any]], counts: dict, shard_rows: int) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = out_dir / MANIFEST_NAME
     manifest_path.unlink(missing_ok=True)  # from here until the end the dir is not a valid dataset
@@ -97,7 +148,7 @@ def write_dataset(out_dir: Path, records: pa.Table, quarantine: pa.Table | None,
         "shards": shards,
         "quarantine_shards": quarantine_shards,
         "config": config,
-        "inputs": describe_inputs(inputs),
+        "inputs": inputs,
         "counts": counts,
     }
     text = json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False, default=str) + "\n"
@@ -115,10 +166,42 @@ def read_manifest(path: Path) -> dict:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DatasetIntegrityError(f"{manifest_path}: unreadable manifest ({err})") from None
+    except OSError as err:
+        raise DatasetIntegrityError(f"{manifest_path}: cannot read ({_os_reason(err)})") from None
+    if not isinstance(manifest, dict):
+        raise DatasetIntegrityError(f"{manifest_path}: not a manifest (a JSON {_json_type(manifest)}, "
+                                    "expected an object)")
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise DatasetIntegrityError(f"{manifest_path}: schema_version {manifest.get('schema_version')!r}, "
                                     f"this code reads {SCHEMA_VERSION}")
+    for key in ("shards", "quarantine_shards"):
+        _check_shard_list(manifest_path, key, manifest.get(key))
     return manifest
+
+
+def _json_type(value: Any) -> str:
+    for kind, name in ((bool, "boolean"), (dict, "object"), (list, "array"), (str, "string"), (int, "number"),
+                       (float, "number")):
+        if isinstance(value, kind):
+            return name
+    return "null"
+
+
+def _check_shard_list(manifest_path: Path, key: str, shards: Any) -> None:
+    if not isinstance(shards, list):
+        what = "missing" if shards is None else f"a JSON {_json_type(shards)}, expected an array"
+        raise DatasetIntegrityError(f"{manifest_path}: {key!r} is {what}")
+    for index, shard in enumerate(shards):
+        where = f"{manifest_path}: {key}[{index}]"
+        if not isinstance(shard, dict):
+            raise DatasetIntegrityError(f"{where} is not an object")
+        path, rows, digest = shard.get("path"), shard.get("rows"), shard.get("sha256")
+        if not isinstance(path, str) or not path or Path(path).is_absolute() or ".." in Path(path).parts:
+            raise DatasetIntegrityError(f"{where}: 'path' must be a relative path inside the dataset, got {path!r}")
+        if not isinstance(rows, int) or isinstance(rows, bool) or rows < 0:
+            raise DatasetIntegrityError(f"{where}: 'rows' must be a count, got {rows!r}")
+        if not isinstance(digest, str):
+            raise DatasetIntegrityError(f"{where}: 'sha256' must be a hex string, got {digest!r}")
 
 
 def _read_shards(root: Path, shards: list[dict], verify: bool) -> pa.Table:

@@ -6,13 +6,37 @@ catalog for the shared data and from `sniff_spec` for user files. Line formats a
 only (some texts contain U+2028 / U+0085) and each line is decoded on its own, so an invalid UTF-8
 line is quarantined without losing its neighbours. Large line files are read as several units
 (line ranges) so the clean stage can spread them over workers.
+
+Nothing is guessed. A row that does not fit its spec is quarantined with its reason, never repaired,
+and the other rows of the file still come through:
+
+- Text fields (query, positive, each negative) must be strings: a number, list, object or boolean
+  there is `wrong_type` (`"pos": [123]` is not read as "123"). A label may be a string or a JSON
+  integer (read as its decimal text, `1` -> "1"); a score a number or a numeric string.
+- List fields must be lists: BGE `pos` / `neg` given as one string is `wrong_type` (not wrapped).
+  Only a catalogued field declared `single_negative` (SimCLUE `neg_title`) holds one string.
+- Uncatalogued (sniffed) TSV / CSV: the first data row fixes the column count (2: text1, text2;
+  3: text1, text2, score) and every row must have exactly that many cells, else `malformed_row`
+  (`a<TAB>b<TAB>0.3<TAB>extra` in a 3-column file is not cut to a scored pair). The first row is a
+  header, quarantined as `header` (counted, not read), when every cell is a known column name
+  (HEADER_NAMES: query, pos, sentence1, label, score, ...) or, in a 3-column file, when its third
+  cell is not a number while the next row's is.
+- Catalogued files name their columns (by index or header name) and may have more columns than
+  they use; a header-named row with another cell count is `malformed_row`.
+- A user file is sniffed from its first non-blank line that is valid UTF-8, read whole however long
+  it is (invalid lines before it are quarantined `invalid_utf8` when the file is read). A file with
+  no such line among its first 1000 non-blank ones, or that starts with a UTF-16 byte-order mark, is
+  rejected with an error naming the encoding problem. A file that cannot be opened or read
+  (permissions, a directory where a file belongs) is a ReaderError naming the path, not a traceback.
 """
 
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +59,19 @@ Field = str | int  # a JSON key or a 0-based column index
 
 
 class ReaderError(ConanError):
-    """A file cannot be read at all (missing, unknown format)."""
+    """A file cannot be read at all (missing, unreadable, not UTF-8, unknown format)."""
+
+
+def _unreadable(path: Path | str, err: OSError) -> ReaderError:
+    what = err.strerror or type(err).__name__
+    return ReaderError(f"{path}: cannot read ({what})")
+
+
+def _read_bytes(path: Path | str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as err:
+        raise _unreadable(path, err) from None
 
 
 @dataclass(frozen=True)
@@ -45,11 +81,12 @@ class FieldMap:
     kind: str
     query: Field
     positive: Field | None = None
-    negatives: Field | None = None  # a list field (BGE `neg`) or one string field (SimCLUE `neg_title`)
+    negatives: Field | None = None  # a list-of-strings field (BGE `neg`), or see single_negative
     score: Field | None = None
     label: Field | None = None
     label_scores: tuple[tuple[str, float], ...] = ()  # label text -> score (e.g. NLI entailment -> 1.0)
     where: tuple[tuple[Field, tuple[str, ...]], ...] = ()  # keep rows whose field value is one of these
+    single_negative: bool = False  # `negatives` names one string field (SimCLUE `neg_title`), not a list
 
 
 @dataclass(frozen=True)
@@ -60,6 +97,8 @@ class ReadSpec:
     fields: FieldMap | None = None
     header: bool = False  # tsv/csv: the first line names the columns (fields may then be names)
     delimiter: str = "\t"
+    columns: int | None = None  # tsv/csv without header: every row must have exactly this many cells
+    header_line: int | None = None  # tsv/csv: this line (0-based) is a header row, quarantined as `header`
 
 
 @dataclass(frozen=True)
@@ -100,12 +139,35 @@ def plan_units(path: Path, spec: ReadSpec, *, lines_per_unit: int = 20_000) -> l
     """Split a line file into line-range units; whole-file formats are one unit."""
     if not Path(path).exists():
         raise ReaderError(f"{path}: no such file or directory")
+    if spec.format == "beir":
+        _check_beir_readable(Path(path))
     if spec.format not in LINE_FORMATS:
+        if spec.format != "beir":
+            _check_readable(Path(path))  # fail here, in the driver, not inside a worker
         return [ReadUnit(str(path), spec)]
-    total = Path(path).read_bytes().count(b"\n") + 1
+    total = _read_bytes(path).count(b"\n") + 1
     first = 1 if spec.header else 0
     return [ReadUnit(str(path), spec, start, min(start + lines_per_unit, total))
             for start in range(first, max(total, first + 1), lines_per_unit)]
+
+
+def _check_readable(path: Path) -> None:
+    """ReaderError unless `path` is a regular file this process can open for reading."""
+    try:
+        with open(path, "rb") as handle:
+            handle.read(1)
+    except OSError as err:
+        raise _unreadable(path, err) from None
+
+
+def _check_beir_readable(root: Path) -> None:
+    for name in ("corpus.jsonl", "queries.jsonl"):
+        _check_readable(root / name)
+    qrels = root / "qrels"
+    if not qrels.is_dir():
+        raise ReaderError(f"{qrels}: a BEIR folder needs a qrels/ directory")
+    for file in sorted(qrels.glob("*.tsv")):
+        _check_readable(file)
 
 
 # ---------------------------------------------------------------- field extraction
@@ -118,20 +180,23 @@ def _get(row: dict | list, key: Field | None) -> Any:
     return row[key] if isinstance(key, int) and key < len(row) else None
 
 
-def _text(row: dict | list, key: Field | None, *, required: bool) -> str:
+def _text(row: dict | list, key: Field | None, *, required: bool, integer_ok: bool = False) -> str:
+    """A string field; with integer_ok (labels) a JSON integer is read as its decimal text."""
     value = _get(row, key)
     if value is None:
         if required:
             raise _BadRow("missing_field")
         return ""
-    if isinstance(value, int | float) and not isinstance(value, bool):
+    if integer_ok and isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
     if not isinstance(value, str):
-        raise _BadRow("wrong_type")
+        raise _BadRow("wrong_type")  # never str() a number, list or object into a text
     return value
 
 
 def _score(value: Any) -> float:
+    if isinstance(value, bool):
+        raise _BadRow("invalid_score")
     try:
         score = float(value)
     except (TypeError, ValueError):
@@ -156,11 +221,19 @@ def record_from_row(row: dict | list, spec: ReadSpec) -> dict[str, Any]:
     negatives: list[str] = []
     if fields.negatives is not None:
         raw_negatives = _get(row, fields.negatives)
-        raw_negatives = [raw_negatives] if isinstance(raw_negatives, str) else raw_negatives or []
+        if raw_negatives is None:
+            raw_negatives = []
+        elif fields.single_negative:
+            if not isinstance(raw_negatives, str):
+                raise _BadRow("wrong_type", partial)
+            raw_negatives = [raw_negatives]
         if not isinstance(raw_negatives, list) or not all(isinstance(n, str) for n in raw_negatives):
-            raise _BadRow("wrong_type", partial)
+            raise _BadRow("wrong_type", partial)  # a string where a list belongs is not wrapped
         negatives = raw_negatives
-    label = _text(row, fields.label, required=True) if fields.label is not None else None
+    try:
+        label = _text(row, fields.label, required=True, integer_ok=True) if fields.label is not None else None
+    except _BadRow as bad:
+        raise _BadRow(bad.reason, partial) from None
     score = None
     if fields.score is not None:
         try:
@@ -191,6 +264,8 @@ def _parse_json_line(text: str) -> Any:
 def _tsv_row(text: str, spec: ReadSpec, header: list[str] | None) -> dict | list:
     cells = text.split(spec.delimiter)
     if header is None:
+        if spec.columns is not None and len(cells) != spec.columns:
+            raise _BadRow("malformed_row")  # extra or missing cells: never cut to fit
         return cells
     if len(cells) != len(header):
         raise _BadRow("malformed_row")
@@ -201,10 +276,11 @@ def _bge_records(obj: Any, spec: ReadSpec) -> list[dict[str, Any]]:
     if not isinstance(obj, dict):
         raise _BadRow("malformed_record")
     positives = obj.get("pos")
-    if isinstance(positives, str):
-        positives = [positives]
-    if not isinstance(positives, list) or not positives:
-        raise _BadRow("missing_field", {"query": obj.get("query") if isinstance(obj.get("query"), str) else None})
+    partial = {"query": obj.get("query") if isinstance(obj.get("query"), str) else None}
+    if positives is not None and not isinstance(positives, list):
+        raise _BadRow("wrong_type", partial)  # `pos` is a list of strings; one string is not wrapped
+    if not positives:
+        raise _BadRow("missing_field", partial)
     fields = FieldMap(kind=KIND_RETRIEVAL, query="query", positive="_pos", negatives="neg")
     one = ReadSpec(spec.format, spec.source, spec.lang, fields)
     return [record_from_row({**obj, "_pos": positive}, one) for positive in positives]
@@ -251,11 +327,15 @@ def _add(result: ReadResult, spec: ReadSpec, raw: str, parse: Any) -> None:
 
 def _read_line_unit(unit: ReadUnit, result: ReadResult) -> None:
     spec = unit.spec
-    lines = split_lines(Path(unit.path).read_bytes())
+    lines = split_lines(_read_bytes(unit.path))
     header = None
     if spec.format == "tsv" and spec.header:
         header = lines[0].decode("utf-8-sig", errors="replace").split(spec.delimiter) if lines else []
-    for line in lines[unit.start:unit.stop]:
+    for index, line in enumerate(lines[unit.start:unit.stop], start=unit.start):
+        if index == spec.header_line:
+            result.quarantine.append(make_quarantine_row(source=spec.source, reason="header",
+                                                         raw=line.decode("utf-8-sig", errors="replace")))
+            continue
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError:
@@ -271,7 +351,7 @@ def _read_line_unit(unit: ReadUnit, result: ReadResult) -> None:
 
 
 def _decode_whole(path: Path, spec: ReadSpec, result: ReadResult) -> str | None:
-    data = Path(path).read_bytes()
+    data = _read_bytes(path)
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
@@ -287,11 +367,17 @@ def _read_csv(unit: ReadUnit, result: ReadResult) -> None:
         return
     rows = csv.reader(text.split("\n"), delimiter=spec.delimiter)
     header = next(rows, None) if spec.header else None
+    expected = len(header) if header is not None else spec.columns
+    line = rows.line_num  # the source line the next row starts on
     for cells in rows:
+        start, line = line, rows.line_num
         if not cells:
             continue
         raw = spec.delimiter.join(cells)
-        if header is not None and len(cells) != len(header):
+        if start == spec.header_line:
+            result.quarantine.append(make_quarantine_row(source=spec.source, reason="header", raw=raw))
+            continue
+        if expected is not None and len(cells) != expected:
             result.quarantine.append(make_quarantine_row(source=spec.source, reason="malformed_row", raw=raw))
             continue
         row = dict(zip(header, cells, strict=True)) if header is not None else cells
@@ -322,7 +408,7 @@ def _read_beir(unit: ReadUnit, result: ReadResult) -> None:
     docs: dict[str, str] = {}
     queries: dict[str, str] = {}
     for name, target in (("corpus.jsonl", docs), ("queries.jsonl", queries)):
-        for line in split_lines((root / name).read_bytes()):
+        for line in split_lines(_read_bytes(root / name)):
             try:
                 obj = json.loads(line.decode("utf-8"))
                 title = obj.get("title") or ""
@@ -331,7 +417,7 @@ def _read_beir(unit: ReadUnit, result: ReadResult) -> None:
                 result.quarantine.append(make_quarantine_row(source=spec.source, reason="malformed_json",
                                                              raw=line.decode("utf-8", errors="replace")))
     for qrels in sorted((root / "qrels").glob("*.tsv")):
-        for line in split_lines(qrels.read_bytes()):
+        for line in split_lines(_read_bytes(qrels)):
             cells = line.decode("utf-8", errors="replace").split("\t")
             if len(cells) < 3 or cells[0] == "query-id":
                 continue
@@ -383,18 +469,84 @@ def read_file(path: Path, spec: ReadSpec | None = None) -> ReadResult:
 
 # ---------------------------------------------------------------- sniffing user files
 
+# Cell values (stripped, lower-cased) that make a sniffed table's first row a header row.
+HEADER_NAMES = frozenset({
+    "query", "pos", "neg", "positive", "negative", "negatives", "anchor", "text", "text1", "text2", "text_a",
+    "text_b", "sentence", "sentence1", "sentence2", "sentence_a", "sentence_b", "title", "question", "answer",
+    "passage", "document", "label", "score", "similarity", "relatedness_score",
+})
+_SNIFF_MAX_LINES = 1000  # non-blank lines a sniffer looks through for its first usable one
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+
+def _non_blank_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(index, line) of the non-blank lines, indexed as split_lines does; each line read whole, any length."""
+    try:
+        with open(path, "rb") as handle:
+            for index, line in enumerate(handle):  # a binary file iterates on b"\n" only
+                line = line.removesuffix(b"\n").removesuffix(b"\r")
+                if line.strip():
+                    yield index, line
+    except OSError as err:
+        raise _unreadable(path, err) from None
+
+
+def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(index, text) of the first non-blank lines that are valid UTF-8 (a BOM dropped). Raises ReaderError
+    naming the encoding problem when none of the first _SNIFF_MAX_LINES non-blank lines decodes."""
+    first_bad: tuple[int, bytes, UnicodeDecodeError] | None = None
+    looked = found = 0
+    for index, line in _non_blank_lines(path):
+        if index == 0 and line.startswith(_UTF16_BOMS):
+            raise ReaderError(f"{path}: not UTF-8 text (starts with a UTF-16 byte-order mark); "
+                              "re-encode the file as UTF-8")
+        try:
+            text = line.decode("utf-8-sig")
+        except UnicodeDecodeError as err:
+            first_bad = first_bad or (index, line, err)
+            looked += 1
+            if looked >= _SNIFF_MAX_LINES:
+                break
+            continue
+        yield index, text
+        looked += 1
+        found += 1
+        if looked >= _SNIFF_MAX_LINES:
+            return
+    if found:
+        return
+    if first_bad is None:
+        raise ReaderError(f"{path}: empty file (no non-blank line)")
+    index, line, err = first_bad
+    raise ReaderError(f"{path}: not UTF-8 text: none of its first {looked} non-blank line(s) is valid UTF-8 "
+                      f"(line {index + 1}: byte 0x{line[err.start]:02x} at offset {err.start}); "
+                      "re-encode the file as UTF-8")
+
+
+def _first_byte(path: Path) -> bytes:
+    """The file's first non-whitespace byte (after a UTF-8 BOM), or b"" for an empty file."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(3)
+            if not head.startswith(b"\xef\xbb\xbf"):
+                handle.seek(0)
+            while chunk := handle.read(1 << 16):
+                stripped = chunk.lstrip()
+                if stripped:
+                    return stripped[:1]
+    except OSError as err:
+        raise _unreadable(path, err) from None
+    return b""
+
+
 def _first_json_object(path: Path) -> Any:
-    with open(path, "rb") as handle:
-        head = handle.read(1 << 16)
-    stripped = head.lstrip()
-    if stripped.startswith(b"["):
+    if _first_byte(path) == b"[":
         return [None]  # a JSON array: the whole-file reader decides per item
-    for line in split_lines(head):
-        if line.strip():
-            try:
-                return json.loads(line.decode("utf-8", errors="replace"))
-            except json.JSONDecodeError:
-                continue
+    for _index, text in _text_lines(path):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            continue
     return None
 
 
@@ -420,18 +572,41 @@ def _sniff_json(path: Path, source: str, lang: str) -> ReadSpec:
     raise ReaderError(f"{path}: cannot tell the format from keys {sorted(keys)[:8]}")
 
 
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
+def _is_header(cells: list[str], next_cells: list[str] | None) -> bool:
+    """The HEADER_NAMES rule, or (3 columns) a non-numeric score cell above a numeric one."""
+    if all(cell.strip().lower() in HEADER_NAMES for cell in cells):
+        return True
+    return (len(cells) == 3 and next_cells is not None and len(next_cells) == 3
+            and not _is_number(cells[2]) and _is_number(next_cells[2]))
+
+
 def _sniff_table(path: Path, source: str, lang: str, delimiter: str) -> ReadSpec:
-    with open(path, "rb") as handle:
-        first = split_lines(handle.read(1 << 16))[:1]
-    cells = first[0].decode("utf-8-sig", errors="replace").split(delimiter) if first else []
     fmt = "csv" if delimiter == "," else "tsv"
+
+    def split(text: str) -> list[str]:
+        return next(csv.reader([text], delimiter=delimiter), []) if fmt == "csv" else text.split(delimiter)
+
+    lines = list(itertools.islice(_text_lines(path), 2))
+    if not lines:
+        raise ReaderError(f"{path}: no readable line")
+    cells = split(lines[0][1])
+    header_line = lines[0][0] if _is_header(cells, split(lines[1][1]) if len(lines) > 1 else None) else None
     if len(cells) == 2:
-        return ReadSpec(fmt, source, lang, FieldMap(kind=KIND_PAIR, query=0, positive=1), delimiter=delimiter)
-    if len(cells) == 3:
-        return ReadSpec(fmt, source, lang, FieldMap(kind=KIND_STS, query=0, positive=1, score=2),
-                        delimiter=delimiter)
-    raise ReaderError(f"{path}: cannot tell the columns of a {len(cells)}-column file; expected "
-                      "text1<TAB>text2[<TAB>score]")
+        fields = FieldMap(kind=KIND_PAIR, query=0, positive=1)
+    elif len(cells) == 3:
+        fields = FieldMap(kind=KIND_STS, query=0, positive=1, score=2)
+    else:
+        sep = "<TAB>" if fmt == "tsv" else ","
+        raise ReaderError(f"{path}: cannot tell the columns of a {len(cells)}-column file; expected "
+                          f"text1{sep}text2[{sep}score]")
+    return ReadSpec(fmt, source, lang, fields, delimiter=delimiter, columns=len(cells), header_line=header_line)
 
 
 def sniff_spec(path: Path, *, source: str | None = None, lang: str = "auto") -> ReadSpec:
