@@ -36,9 +36,12 @@ def run(
     (and stops it afterwards). Rerunning after a failure serves finished stages from cache.
     """
     from conan_core.config import load_config
+    from flows.plan import preflight
     from flows.server import prefect_api
 
-    load_config(config, overrides or [])  # a bad config fails here, in one line, before any server starts
+    # A bad config, or a path / name it refers to that does not resolve (input files, model.base,
+    # eval.tasks / eval.task_dirs), fails here in one line, before any server or Ray starts.
+    preflight(load_config(config, overrides or []))
     with prefect_api(echo=typer.echo) as server:
         typer.echo(f"Prefect API: {server.api_url} (UI: {server.api_url.removesuffix('/api')})")
         # Import after the API is chosen: Prefect reads its settings when first imported.

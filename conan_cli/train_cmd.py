@@ -18,7 +18,8 @@ app.add_typer(train_app, name="train")
 DataOpt = Annotated[list[Path], typer.Option("--data", help="Dataset dir (from `conan clean`); repeatable.")]
 ModelOpt = Annotated[str, typer.Option(help="Model dir to start from, or 'all-MiniLM-L6-v2'.")]
 OutOpt = Annotated[Path, typer.Option(help="Output dir: model/, metrics.jsonl, loss.png, tensorboard/, "
-                                           "checkpoints/ (rerunning with the same dir resumes).")]
+                                           "checkpoints/ (rerunning with the same dir resumes from the last "
+                                           "checkpoint; the first line says from which step).")]
 WorkersOpt = Annotated[int | None, typer.Option(help="Ray Train workers (default: what the cluster offers).")]
 StepsOpt = Annotated[int | None, typer.Option(help="Total optimizer steps (wins over --epochs).")]
 EpochsOpt = Annotated[float | None, typer.Option(help="Passes over the data.")]
@@ -63,7 +64,7 @@ def pretrain(data: DataOpt, model: ModelOpt, out: OutOpt, workers: WorkersOpt = 
     overrides = apply_overrides(_flags(steps=steps, epochs=epochs, batch_size=batch_size, lr=lr), set_ or [])
     cfg = load_section(PretrainConfig, "pretrain", config, overrides)
     _report(run_pretrain(cfg, data, model, out, workers=workers, ray_address=ray_address,
-                         progress_callback=_print_progress, storage_path=storage))
+                         progress_callback=_print_progress, storage_path=storage, notice_callback=typer.echo))
 
 
 @train_app.command("finetune")
@@ -86,4 +87,5 @@ def finetune(data: DataOpt, model: ModelOpt, out: OutOpt, workers: WorkersOpt = 
     cfg = load_section(FinetuneConfig, "finetune", config, overrides)
     mining = load_section(MiningConfig, "mining", config)
     _report(run_finetune(cfg, data, model, out, candidates_dir=candidates, mining=mining, workers=workers,
-                         ray_address=ray_address, progress_callback=_print_progress, storage_path=storage))
+                         ray_address=ray_address, progress_callback=_print_progress, storage_path=storage,
+                         notice_callback=typer.echo))

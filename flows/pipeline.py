@@ -23,7 +23,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from conan_core.errors import ConanError
 from conan_core.paths import PROJECT_ROOT, offline_env, work_dir
-from flows.plan import StagePlan, plan_stages
+from flows.plan import StagePlan, plan_stages, preflight
 from tasks.clean import clean_task
 from tasks.common import output_is_intact, publish_markdown
 from tasks.evaluate import evaluate_task
@@ -163,6 +163,7 @@ def conan_pipeline(config: str = "configs/demo.yaml", overrides: list[str] | Non
     offline_env()
     config_path = resolve_config_path(config)
     pipeline_config = load_config(config_path, list(overrides or []))
+    preflight(pipeline_config)  # every path and name the config refers to, before Ray and the stages
     root = Path(out_dir).resolve() if out_dir else default_out_dir(config_path)
     address = ray_address or os.environ.get("RAY_ADDRESS")
     plan = plan_stages(pipeline_config, root)

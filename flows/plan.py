@@ -1,5 +1,10 @@
 """From a validated PipelineConfig to each stage task's parameters (JSON-able: they are shown in the UI and
-hashed into the cache key). The only place that knows both the config's layout and the tasks' signatures."""
+hashed into the cache key). The only place that knows both the config's layout and the tasks' signatures.
+
+`preflight(config)` checks every path and name the config refers to, in seconds and before anything starts;
+it imports neither Prefect nor Ray (`conan run` calls it before choosing a Prefect API), so the task
+modules are imported inside `plan_stages`.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from conan_core.errors import ConanError
 from conan_core.io.catalog import resolve_inputs
 from conan_core.paths import shared_data_dir
-from tasks.common import fingerprint_path, fingerprint_paths
-from tasks.evaluate import task_dirs_fingerprint
+
+
+class PreflightError(ConanError):
+    """A path or name in the pipeline config that does not resolve (found before any stage runs)."""
 
 
 @dataclass
@@ -48,7 +56,73 @@ def input_files(inputs: list[str]) -> list[Path]:
     return sorted({path for path, _spec in resolve_inputs([resolve_input(i) for i in inputs])})
 
 
+def preflight(config: Any) -> None:
+    """Every input file the data stages and the vocabulary extension read (`shared:` and `group:` entries
+    resolved), the base model (a path or the shipped all-MiniLM-L6-v2, with readable files), the eval task
+    names and groups, their data, and the eval task folders. PreflightError (one line, naming the config
+    key and the bad value) at the first that does not resolve."""
+    data, model = config.data, config.model
+    for key, items in (("data.pretrain", data.pretrain), ("data.finetune", data.finetune),
+                       ("data.instruct", data.instruct), ("model.extend_vocab_from", model.extend_vocab_from)):
+        for item in items:
+            _check_input(key, item)
+    _check_base(str(model.base))
+    _check_eval(config.eval)
+
+
+def _check_input(key: str, item: str) -> None:
+    resolved = resolve_input(item)
+    shown = f"{item!r}" + (f" ({resolved})" if resolved != str(item) else "")
+    if not resolved.startswith("group:"):
+        path = Path(resolved.partition("#")[0])
+        if not path.exists():
+            raise PreflightError(f"{key}: input {shown} not found")
+    try:
+        entries = resolve_inputs([resolved])
+    except ConanError as err:  # an unknown group, a file of unknown format
+        raise PreflightError(f"{key}: {item!r}: {err}") from None
+    for path, _spec in entries:
+        if not path.exists():
+            raise PreflightError(f"{key}: {item!r}: input file {path} not found")
+
+
+def _check_base(base: str) -> None:
+    from conan_core.model import resolve_base
+    from conan_core.train.preflight import check_model_files
+
+    try:
+        check_model_files(resolve_base(base))
+    except ConanError as err:
+        raise PreflightError(f"model.base: {base!r}: {err}") from None
+
+
+def _check_eval(eval_config: Any) -> None:
+    from conan_core.eval.run import resolve_specs
+    from conan_core.eval.spec import UnknownTaskError
+    from conan_core.eval.tasks import builtin_tasks, resolve_task_names
+
+    try:  # names first: cheap (a task folder's check imports mteb, seconds)
+        resolve_task_names(eval_config.tasks or [])
+    except UnknownTaskError as err:
+        raise PreflightError(f"eval.tasks: {err}") from None
+    for folder in eval_config.task_dirs:
+        if not Path(folder).is_dir():
+            raise PreflightError(f"eval.task_dirs: {str(folder)!r}: task folder not found")
+    try:
+        specs = resolve_specs(eval_config.tasks, [Path(d) for d in eval_config.task_dirs])
+    except UnknownTaskError as err:
+        raise PreflightError(f"eval.tasks: {err}") from None
+    except ConanError as err:  # a task folder's task.json or data files
+        raise PreflightError(f"eval.task_dirs: {err}") from None
+    builtin = builtin_tasks()
+    for spec in specs:
+        if spec.name in builtin and not Path(spec.source).exists():
+            raise PreflightError(f"eval.tasks: data of task {spec.name!r} not found: {spec.source}")
+
+
 def _data_stage(name: str, inputs: list[str], output: Path, config: Any, workers: int) -> dict[str, Any]:
+    from tasks.common import fingerprint_paths
+
     inputs = [resolve_input(item) for item in inputs]
     return {"name": name, "inputs": inputs, "inputs_fingerprint": fingerprint_paths(input_files(inputs)),
             "output": str(output), "config": config.model_dump(mode="json"), "workers": workers}
@@ -57,6 +131,7 @@ def _data_stage(name: str, inputs: list[str], output: Path, config: Any, workers
 def _base_fingerprint(base: str) -> str:
     """The base model's content hash; a named base resolves to its shipped dir."""
     from conan_core.model import resolve_base
+    from tasks.common import fingerprint_path
 
     return fingerprint_path(resolve_base(base))
 
@@ -64,6 +139,9 @@ def _base_fingerprint(base: str) -> str:
 def plan_stages(config: Any, root: Path) -> StagePlan:
     """Parameters of every stage for `config`, with outputs under `root`. Where Ray runs is not among them:
     the flow connects Ray before the stages, and the same inputs give the same outputs on any cluster."""
+    from tasks.common import fingerprint_paths
+    from tasks.evaluate import task_dirs_fingerprint
+
     data, model = config.data, config.model
     clean_pretrain = _data_stage("pretrain", data.pretrain, root / "data" / "pretrain", config.clean,
                                  data.workers)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 
 from tasks.common import ProgressReporter, call_logged, stage_task_options
 from tasks.training_report import publish_training
@@ -24,6 +24,6 @@ def finetune_task(model: dict[str, Any], data: list[dict[str, Any]], output: str
                             [Path(d["path"]) for d in data], Path(model["path"]), Path(output),
                             candidates_dir=Path(candidates["path"]) if candidates else None,
                             mining=MiningConfig.model_validate(mining), workers=workers,
-                            progress_callback=progress)
+                            progress_callback=progress, notice_callback=get_run_logger().info)
     progress.finish()
     return publish_training("finetune", result)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 
 from tasks.common import ProgressReporter, call_logged, stage_task_options
 from tasks.training_report import publish_training
@@ -21,6 +21,6 @@ def pretrain_task(model: dict[str, Any], data: list[dict[str, Any]], output: str
     progress = ProgressReporter("pretrain-progress", "pretraining: share of steps done")
     result, _ = call_logged("pretrain", run_pretrain, PretrainConfig.model_validate(config),
                             [Path(d["path"]) for d in data], Path(model["path"]), Path(output), workers=workers,
-                            progress_callback=progress)
+                            progress_callback=progress, notice_callback=get_run_logger().info)
     progress.finish()
     return publish_training("pretrain", result)

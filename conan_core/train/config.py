@@ -36,7 +36,12 @@ class TrainCommon(_Strict):
     matryoshka_dims: list[int] | None = Field(default=None, description="losses over these prefix dims")
     bf16: bool = Field(default=True, description="bf16 autocast, only when training on GPU")
     gradient_checkpointing: bool = False
-    checkpoint_every: int = Field(default=50, gt=0, description="steps between Ray Train checkpoints")
+    checkpoint_every: int = Field(
+        default=50, gt=0, description="steps between Ray Train checkpoints (at most half the run: a run "
+                                      "shorter than 2x this checkpoints at its middle step too)")
+    checkpoint_every_s: float | None = Field(
+        default=600.0, gt=0, description="also checkpoint when this many seconds passed since the last one "
+                                         "(checked at logged steps); null: by steps only")
     keep_checkpoints: int = Field(default=2, gt=0)
     log_every: int = Field(default=1, gt=0)
     max_failures: int = Field(default=1, ge=0, description="worker-group restarts Ray Train may do")

@@ -2,11 +2,13 @@
 
 Each step: the task hands this worker its share of the global batch and its objective; one backward;
 gradients averaged over workers (one flat all-reduce); clipping; AdamW; the LR from a pure function of
-the step. Rank 0 appends metrics to `<out>/metrics.jsonl` (the driver tails it for progress) and, every
-`checkpoint_every` steps, a checkpoint goes to Ray Train (`ray.train.report`), which keeps the newest
-`keep_checkpoints` under the run's storage. On a restart (a crash under FailureConfig, or the same
-command rerun) `ray.train.get_checkpoint()` hands the last checkpoint back and the loop continues at the
-next step with the same data position and RNG state, so no batch is repeated or skipped.
+the step. Rank 0 appends metrics to `<out>/metrics.jsonl` (the driver tails it for progress) and, on the
+steps `CheckpointSchedule` picks (every `checkpoint_every` steps but at most half the run, the last step,
+and every `checkpoint_every_s` seconds), a checkpoint goes to Ray Train (`ray.train.report`), which keeps
+the newest `keep_checkpoints` under the run's storage. On a restart (a crash under FailureConfig, or the
+same command rerun) `ray.train.get_checkpoint()` hands the last checkpoint back and the loop continues at
+the next step with the same data position and RNG state, so no batch is repeated or skipped. Each start
+is recorded in `<out>/starts.jsonl` (fresh, or which step and checkpoint it resumed from) for the driver.
 """
 
 from __future__ import annotations
@@ -24,10 +26,18 @@ import torch.distributed as dist
 from conan_core.distributed import world_info
 from conan_core.model import ConanEmbedder
 from conan_core.paths import offline_env
-from conan_core.train.checkpoint import TrainState, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from conan_core.train.checkpoint import (
+    CheckpointSchedule,
+    TrainState,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    wait_until_taken,
+)
 from conan_core.train.config import FinetuneConfig, PretrainConfig, TrainCommon
 from conan_core.train.data import TokenBank
-from conan_core.train.metrics import MetricsLog, _truncate_after
+from conan_core.train.metrics import MetricsLog, _truncate_after, record_start
 from conan_core.train.objective import Encoder, average_gradients
 from conan_core.train.tasks import FinetuneTask, PretrainTask
 
@@ -122,16 +132,24 @@ def train_loop(spec: dict[str, Any]) -> None:
     task = _build_task(stage, config, spec, encode, world.rank)
     total = total_steps(config, task.steps_per_epoch())
     task.last_step = total
-    start = _restore(model, optimizer, task, out_dir, world.rank)
+    start, restored_from = _restore(model, optimizer, task, out_dir, world.rank)
+    schedule = CheckpointSchedule(config.checkpoint_every, config.checkpoint_every_s, total, device=device)
+    # train_step reads its metrics on checkpoint steps: those of the effective interval.
+    step_config = config.model_copy(update={"checkpoint_every": schedule.interval})
     log = MetricsLog(out_dir, resume_step=start) if world.rank == 0 else None
+    if world.rank == 0:  # after the log was cut back to `start`: the driver tails both
+        record_start(out_dir, start_step=start, total_steps=total, checkpoint=restored_from,
+                     schedule=schedule.describe())
     try:
         for step in range(start + 1, total + 1):
-            metrics = train_step(step, total, config, model, optimizer, task, encode)
+            metrics = train_step(step, total, step_config, model, optimizer, task, encode)
             _maybe_crash(spec.get("fault_injection"), step, world.rank)
             if log is not None and metrics is not None:
                 log.write(metrics)
-            if step % config.checkpoint_every == 0 or step == total:
-                _report_checkpoint(step, model, optimizer, task, metrics)
+            if schedule.due(step, timed=metrics is not None):
+                _report_checkpoint(step, model, optimizer, task,
+                                   metrics if metrics is not None else {"step": step, "total_steps": total})
+                schedule.done()
     finally:
         if log is not None:
             log.close()
@@ -172,13 +190,15 @@ def _dynamic_negatives(config: FinetuneConfig, spec: dict[str, Any], rank: int):
                             metrics_path=metrics)
 
 
-def _restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, task, out_dir: Path, rank: int) -> int:
-    """Continue from Ray Train's latest checkpoint of this run, if any; returns the last finished step."""
+def _restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, task, out_dir: Path,
+             rank: int) -> tuple[int, str | None]:
+    """Continue from Ray Train's latest checkpoint of this run, if any; returns the last finished step and
+    where the checkpoint is (None: starting fresh)."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return 0
+        return 0, None
     with checkpoint.as_directory() as directory:
         state = load_checkpoint(Path(directory), model, optimizer)
     for name, stream in task.streams.items():
@@ -189,7 +209,7 @@ def _restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, task, out
     task.load_state_dict(state.dhnm)
     if rank == 0:
         _truncate_after(out_dir / HARDNESS_FILE, state.step)
-    return state.step
+    return state.step, str(checkpoint.path)
 
 
 def train_step(step: int, total: int, config: TrainCommon, model: torch.nn.Module,
@@ -243,7 +263,7 @@ def _global_sums(result, tokens: int, device: torch.device) -> dict[str, Any]:
 def _report_checkpoint(step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, task,
                        metrics: dict[str, Any]) -> None:
     """Every worker reports (Ray Train needs all of them); rank 0 attaches the checkpoint, holding the
-    RNG states of all workers."""
+    RNG states of all workers. Returns once Ray Train's controller has taken the report."""
     import ray.train
 
     world = world_info()
@@ -255,12 +275,14 @@ def _report_checkpoint(step: int, model: torch.nn.Module, optimizer: torch.optim
     report = {k: v for k, v in metrics.items() if k != "batch_ids"}
     if world.rank != 0:
         ray.train.report(report)
-        return
-    state = TrainState(step=step, streams={n: s.state_dict() for n, s in task.streams.items()}, rng=states,
-                       dhnm=task.state_dict())
-    with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(Path(tmp), model, optimizer, state)
-        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    else:
+        state = TrainState(step=step, streams={n: s.state_dict() for n, s in task.streams.items()}, rng=states,
+                           dhnm=task.state_dict())
+        with tempfile.TemporaryDirectory() as tmp:
+            save_checkpoint(Path(tmp), model, optimizer, state)
+            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    # Registered only once the controller took every rank's report: a crash before that would lose it.
+    wait_until_taken()
 
 
 def _maybe_crash(fault: dict[str, Any] | None, step: int, rank: int) -> None:

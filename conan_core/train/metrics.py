@@ -1,15 +1,19 @@
-"""Per-step training metrics: a JSONL log, TensorBoard event files, and a PNG of the loss curves."""
+"""Per-step training metrics: a JSONL log, TensorBoard event files, and a PNG of the loss curves; and the
+starts log (`starts.jsonl`: one line each time the worker loop starts, fresh or from a checkpoint), which the
+driver tails to say whether and from where a run resumed."""
 
 from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 TENSORBOARD_DIR = "tensorboard"
+STARTS_FILE = "starts.jsonl"
 
 
 class MetricsLog:
@@ -45,6 +49,38 @@ def _truncate_after(path: Path, step: int) -> None:
         return
     kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
     path.write_text("".join(line + "\n" for line in kept))
+
+
+def record_start(out_dir: Path, *, start_step: int, total_steps: int, checkpoint: str | None,
+                 schedule: str) -> None:
+    """Rank 0, once per start of the loop (after the metrics log was cut back to `start_step`)."""
+    entry = {"start_step": start_step, "total_steps": total_steps, "checkpoint": checkpoint,
+             "checkpoints": schedule, "time": time.time()}
+    with open(Path(out_dir) / STARTS_FILE, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(entry) + "\n")
+
+
+def read_starts(path: Path) -> list[dict[str, Any]]:
+    """The complete lines of a starts log (a line being written is left for the next read)."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        if not line.endswith("\n"):
+            break
+        if line.strip():
+            rows.append(json.loads(line))
+    return rows
+
+
+def start_message(entry: dict[str, Any]) -> str:
+    """What the console says about one start: resumed from which step and checkpoint, or from scratch."""
+    total, step = entry["total_steps"], entry["start_step"]
+    if entry.get("checkpoint"):
+        text = f"resumed from step {step}/{total} (checkpoint {entry['checkpoint']})"
+    else:
+        text = f"starting at step 0/{total} (no checkpoint)"
+    return f"{text}; checkpoints {entry['checkpoints']}" if entry.get("checkpoints") else text
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -6,10 +6,19 @@ else CPUs; finetuning is capped at the CBB layout's rank count). gloo on CPU, NC
 Checkpoints go to `storage_path` (a local path or any pyarrow/fsspec URI; default `<out>/checkpoints`)
 under the run name `pretrain` / `finetune`: rerunning with the same out dir resumes from the last
 checkpoint (Ray Train V2 semantics), and `FailureConfig(max_failures)` restarts crashed workers from it.
+Each (re)start of the workers is announced through `notice_callback` ("resumed from step N (checkpoint
+...)" or "starting at step 0 (no checkpoint)"), from the starts log the loop writes.
+
+Before Ray starts, the driver checks what the workers would otherwise fail on (`train.preflight`): every
+dataset against its manifest (shards present, sha256, row counts: the same DatasetIntegrityError `conan
+mine` gives) and the model dir (JSON files parse, safetensors headers readable and the files complete).
+When a worker does fail, the error names the worker's own exception in one line, not Ray's summary.
 """
 
 from __future__ import annotations
 
+import logging
+import re
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,9 +30,20 @@ from conan_core.model import resolve_base
 from conan_core.raysession import ray_session
 from conan_core.train.config import FinetuneConfig, PretrainConfig, TrainCommon
 from conan_core.train.loop import FINAL_MODEL_DIR, HARDNESS_FILE, train_loop
-from conan_core.train.metrics import METRICS_FILE, PLOT_FILE, plot_losses, read_metrics
+from conan_core.train.metrics import (
+    METRICS_FILE,
+    PLOT_FILE,
+    STARTS_FILE,
+    plot_losses,
+    read_metrics,
+    read_starts,
+    start_message,
+)
+from conan_core.train.preflight import check_candidates, check_dataset, check_model_files
 
 ProgressCallback = Callable[[int, int, dict[str, Any]], None]
+NoticeCallback = Callable[[str], None]
+_log = logging.getLogger(__name__)
 
 
 class TrainingError(ConanError):
@@ -46,38 +66,90 @@ class TrainResult:
 def run_pretrain(config: PretrainConfig, data_dirs: Sequence[str | Path], model_path: str | Path,
                  out_dir: str | Path, *, workers: int | None = None, ray_address: str | None = None,
                  progress_callback: ProgressCallback | None = None, storage_path: str | None = None,
-                 fault_injection: dict[str, Any] | None = None) -> TrainResult:
+                 fault_injection: dict[str, Any] | None = None,
+                 notice_callback: NoticeCallback | None = None) -> TrainResult:
     """Weakly-supervised pretraining (in-batch InfoNCE over the global batch); see the module docstring."""
     spec = _spec("pretrain", config, data_dirs, model_path, out_dir, fault_injection)
-    return _run(spec, config, workers, ray_address, progress_callback, storage_path)
+    return _run(spec, config, workers, ray_address, progress_callback, storage_path, notice_callback)
 
 
 def run_finetune(config: FinetuneConfig, data_dirs: Sequence[str | Path], model_path: str | Path,
                  out_dir: str | Path, *, candidates_dir: str | Path | None = None, mining: Any = None,
                  workers: int | None = None, ray_address: str | None = None,
                  progress_callback: ProgressCallback | None = None, storage_path: str | None = None,
-                 fault_injection: dict[str, Any] | None = None) -> TrainResult:
+                 fault_injection: dict[str, Any] | None = None,
+                 notice_callback: NoticeCallback | None = None) -> TrainResult:
     """CBB finetuning (or `vanilla`), with DHNM over `candidates_dir` when given (mining: MiningConfig)."""
-    spec = _spec("finetune", config, data_dirs, model_path, out_dir, fault_injection)
     if candidates_dir is not None:
         if not Path(candidates_dir).is_dir():
             raise ConanError(f"candidates dir not found: {candidates_dir}")
+        check_candidates(Path(candidates_dir))
+    spec = _spec("finetune", config, data_dirs, model_path, out_dir, fault_injection)
+    if candidates_dir is not None:
         spec["candidates_dir"] = str(Path(candidates_dir).resolve())
     spec["mining"] = mining.model_dump(mode="json") if mining is not None else None
-    return _run(spec, config, workers, ray_address, progress_callback, storage_path)
+    return _run(spec, config, workers, ray_address, progress_callback, storage_path, notice_callback)
 
 
 def _spec(stage: str, config: TrainCommon, data_dirs: Sequence[str | Path], model_path: str | Path,
           out_dir: str | Path, fault_injection: dict[str, Any] | None) -> dict[str, Any]:
-    missing = [str(d) for d in data_dirs if not (Path(d) / "manifest.json").is_file()]
-    if not data_dirs or missing:
-        raise ConanError(f"not a dataset dir (no manifest.json): {', '.join(missing) or '(none given)'}")
+    if not data_dirs:
+        raise ConanError("no training data given (pass at least one dataset dir)")
+    for data_dir in data_dirs:
+        check_dataset(Path(data_dir))
     model_dir = resolve_base(model_path)  # one-line ModelLoadError for a bad path
+    check_model_files(model_dir)
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     return {"stage": stage, "config": config.model_dump(mode="json"),
             "data_dirs": [str(Path(d).resolve()) for d in data_dirs], "model_path": str(model_dir.resolve()),
             "out_dir": str(out), "fault_injection": fault_injection}
+
+
+def worker_error_line(err: BaseException) -> str:
+    """One line naming what failed: the worker's own exception (a ConanError's message, else its type and
+    first line) when Ray Train reports worker failures, the controller's when it failed; else `err`'s."""
+    failures = getattr(err, "worker_failures", None)
+    if isinstance(failures, dict) and failures:
+        rank, cause = min(failures.items(), key=lambda item: (_blame_order(item[1]), item[0]))
+        others = len(failures) - 1
+        more = f" (and {others} other worker{'s' if others > 1 else ''})" if others else ""
+        return f"worker {rank}: {_exception_line(cause)}{more}"
+    controller = getattr(err, "controller_failure", None)
+    if isinstance(controller, BaseException):
+        return f"Ray Train controller: {_exception_line(controller)}"
+    return _exception_line(err)
+
+
+_PEER_LOST = re.compile(r"gloo|nccl|connection (closed|reset) by peer", re.IGNORECASE)
+
+
+def _blame_order(err: BaseException) -> int:
+    """Which of several workers' errors to show: an expected ConanError first, then a worker process that
+    died (Ray's error), then other errors of the training code; last, a collective that broke off because
+    a peer went away (what the surviving workers report)."""
+    err = getattr(err, "_base_exc", err)
+    if isinstance(err, ConanError):
+        return 0
+    if (type(err).__module__ or "").startswith("ray."):
+        return 1
+    return 3 if _PEER_LOST.search(str(err)) else 2
+
+
+def _exception_line(err: BaseException) -> str:
+    err = getattr(err, "_base_exc", err)  # Ray's UserExceptionWithTraceback
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if isinstance(err, ConanError):
+        return lines[0] if lines else type(err).__name__
+    if not lines:
+        return type(err).__name__
+    # Ray's errors put the cause last ("... The actor is dead because ..."), then advice; Python's first.
+    if (type(err).__module__ or "").startswith("ray."):
+        text = lines[-1].split(" Some common causes include")[0]
+        text = text if len(text) <= 300 else text[:297] + "..."
+    else:
+        text = lines[0]
+    return f"{type(err).__name__}: {text}"
 
 
 def default_workers(config: TrainCommon) -> int:
@@ -92,7 +164,8 @@ def default_workers(config: TrainCommon) -> int:
 
 
 def _run(spec: dict[str, Any], config: TrainCommon, workers: int | None, ray_address: str | None,
-         progress_callback: ProgressCallback | None, storage_path: str | None) -> TrainResult:
+         progress_callback: ProgressCallback | None, storage_path: str | None,
+         notice_callback: NoticeCallback | None = None) -> TrainResult:
     import torch
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -112,13 +185,14 @@ def _run(spec: dict[str, Any], config: TrainCommon, workers: int | None, ray_add
                 name=spec["stage"], storage_path=storage_path or str(out / "checkpoints"),
                 checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
                 failure_config=FailureConfig(max_failures=config.max_failures)))
-        result = _fit_with_progress(trainer, out / METRICS_FILE, progress_callback)
+        result = _fit_with_progress(trainer, out, progress_callback, notice_callback)
     return _collect(spec, out, result)
 
 
-def _fit_with_progress(trainer: Any, metrics_path: Path, callback: ProgressCallback | None) -> Any:
-    """Run fit() in a helper thread while this thread hands new metrics lines to the callback, so the
-    callback (e.g. a Prefect progress artifact) runs on the caller's thread."""
+def _fit_with_progress(trainer: Any, out: Path, callback: ProgressCallback | None,
+                       notice: NoticeCallback | None = None) -> Any:
+    """Run fit() in a helper thread while this thread announces each (re)start of the workers and hands
+    new metrics lines to the callback, so both callbacks (e.g. Prefect's) run on the caller's thread."""
     outcome: dict[str, Any] = {}
 
     def fit() -> None:
@@ -127,33 +201,54 @@ def _fit_with_progress(trainer: Any, metrics_path: Path, callback: ProgressCallb
         except BaseException as err:  # re-raised on the caller's thread below
             outcome["error"] = err
 
-    # Steps already in the log come from an earlier run this one resumes: not news to the caller.
-    last_step = max((row["step"] for row in read_metrics(metrics_path)), default=0)
+    tail = _ProgressTail(out, callback, notice or _log.info)
     thread = threading.Thread(target=fit, name="conan-train-fit", daemon=True)
     thread.start()
     while thread.is_alive():
         thread.join(timeout=1.0)
-        if callback is not None:
-            last_step = _emit_progress(metrics_path, last_step, callback)
-    if callback is not None:
-        _emit_progress(metrics_path, last_step, callback)
+        tail.poll()
+    tail.poll()
     if "error" in outcome:
-        err = outcome["error"]
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise TrainingError(f"training failed: {first}") from err
+        raise TrainingError(f"training failed: {worker_error_line(outcome['error'])}") from outcome["error"]
     return outcome["result"]
 
 
-def _emit_progress(path: Path, last_step: int, callback: ProgressCallback) -> int:
-    try:
-        rows = read_metrics(path)
-    except ValueError:  # a line being written right now
-        return last_step
-    for row in rows:
-        if row["step"] > last_step:
-            callback(row["step"], row["total_steps"], {k: v for k, v in row.items() if k != "batch_ids"})
-            last_step = row["step"]
-    return last_step
+class _ProgressTail:
+    """Follows `starts.jsonl` and `metrics.jsonl` of a run. A start line (the loop writes it after cutting
+    the metrics log back to its start step) is announced, and progress continues from its step: steps
+    redone after a restart are reported again, steps of an earlier run that this one resumes are not."""
+
+    def __init__(self, out: Path, callback: ProgressCallback | None, notice: NoticeCallback) -> None:
+        self.metrics_path, self.starts_path = out / METRICS_FILE, out / STARTS_FILE
+        self.callback, self.notice = callback, notice
+        self.seen = len(read_starts(self.starts_path))
+        self.starts = 0
+        try:  # until this run's start line arrives, the old log's steps are not news
+            self.last_step = max((row["step"] for row in read_metrics(self.metrics_path)), default=0)
+        except ValueError:
+            self.last_step = 0
+
+    def poll(self) -> None:
+        try:
+            entries = read_starts(self.starts_path)[self.seen:]
+        except ValueError:  # a line being written right now
+            entries = []
+        for entry in entries:
+            self.seen += 1
+            message = start_message(entry)
+            self.notice(f"restarted after a worker failure: {message}" if self.starts else message)
+            self.starts += 1
+            self.last_step = entry["start_step"]
+        if self.callback is None:
+            return
+        try:
+            rows = read_metrics(self.metrics_path)
+        except ValueError:  # a line being written right now
+            return
+        for row in rows:
+            if row["step"] > self.last_step:
+                self.callback(row["step"], row["total_steps"], {k: v for k, v in row.items() if k != "batch_ids"})
+                self.last_step = row["step"]
 
 
 def _collect(spec: dict[str, Any], out: Path, result: Any) -> TrainResult:
