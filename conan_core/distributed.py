@@ -1,4 +1,5 @@
-"""Cross-worker collectives that the losses need: a gather that keeps the full gradient.
+"""Cross-worker collectives that the losses need: a gather that keeps the full gradient, and one gather
+of several per-logical-rank segments (the CBB step's negatives and STS pairs) in one collective.
 
 Why not `torch.distributed.all_gather`: its outputs carry no grad, and the usual fix (put the local
 tensor back into its own slot) keeps only the gradient of the *local* loss with respect to the local
@@ -10,6 +11,7 @@ the ranks of the group, of the gradient every rank's loss sends to it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -78,3 +80,51 @@ def mean_over_ranks(t: torch.Tensor, group: dist.ProcessGroup | None = None) -> 
     total = t.detach().clone()
     dist.all_reduce(total, op=dist.ReduceOp.SUM, group=_resolved_group(group))
     return total / info.size
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Per-logical-rank blocks of rows one worker contributes to a gather.
+
+    blocks[w] lists the logical ranks worker w holds, in order; each block is `rows` rows; `local` is this
+    worker's blocks stacked (None when it holds none)."""
+
+    local: torch.Tensor | None
+    blocks: tuple[tuple[int, ...], ...]
+    rows: int
+
+    @property
+    def padded_rows(self) -> int:
+        return self.rows * max(len(b) for b in self.blocks)
+
+
+def gather_segments(segments: Sequence[Segment], dim: int | None, device: torch.device, grad: bool = True
+                    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """All-gather several segments in one collective; each comes back with its blocks in logical-rank
+    order (the zero padding that equalises shapes dropped). Also returns a zero scalar that depends on
+    the gathered tensor, to add to the objective so every worker runs the gather's backward."""
+    if not segments:
+        return [], torch.zeros((), device=device)
+    rank = world_info().rank
+    parts = []
+    for seg in segments:
+        tail = () if dim is None else (dim,)
+        held = len(seg.blocks[rank]) * seg.rows
+        padding = torch.zeros((seg.padded_rows - held, *tail), device=device)
+        parts.append(padding if seg.local is None else torch.cat([seg.local, padding]))
+    payload = torch.cat(parts)
+    if grad and not payload.requires_grad:
+        # This worker holds only padding this step (e.g. a vanilla STS step on a retrieval-only worker): its
+        # payload must still take part in autograd, or it would skip the gather's collective backward.
+        payload.requires_grad_(True)
+    gathered = gather_with_grad(payload) if grad else gather_no_grad(payload)
+    per_worker = payload.shape[0]
+    out, offset = [], 0
+    for seg in segments:
+        position = {lr: (w, j) for w, ranks in enumerate(seg.blocks) for j, lr in enumerate(ranks)}
+        index = [w * per_worker + offset + j * seg.rows + i
+                 for lr in sorted(position) for w, j in [position[lr]] for i in range(seg.rows)]
+        out.append(gathered.index_select(0, torch.tensor(index, device=device)))
+        offset += seg.padded_rows
+    keep_alive = gathered.sum() * 0.0 if grad else torch.zeros((), device=device)
+    return out, keep_alive

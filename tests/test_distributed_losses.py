@@ -22,13 +22,14 @@ import torch.nn.functional as F
 
 from conan_core.distributed import gather_with_grad, mean_over_ranks, world_info
 from conan_core.losses import (
-    CBBLayout,
+    CbbEmbeddings,
+    CbbShape,
     MatryoshkaLoss,
+    WorkerRoles,
     cbb_loss,
-    distributed_cbb_terms,
+    distributed_cbb_loss,
     distributed_in_batch_infonce,
     in_batch_infonce,
-    make_cbb_groups,
 )
 
 FEATURES, WIDTH = 6, 5
@@ -38,23 +39,41 @@ TOLERANCE = 1e-5
 
 @dataclass(frozen=True)
 class CBBScenario:
-    layout: CBBLayout
-    queries: int  # B per retrieval group
-    negatives: int  # K per retrieval rank
+    """roles[w]: the logical ranks worker w hosts (retrieval group ranks, STS ranks), as training's
+    `assign_roles` hands them out; the loss is the one training runs (`distributed_cbb_loss`)."""
+
+    roles: tuple[WorkerRoles, ...]
+    queries: int  # B, shared by the group
+    negatives: int  # n per query per group rank
     sts_pairs: int  # pairs per STS rank
-    margin: float | None = None
+    in_batch: bool = False
     mrl_dims: tuple[int, ...] = ()
+
+    @property
+    def group(self) -> int:
+        return sum(len(r.retrieval_ranks) for r in self.roles)
+
+    @property
+    def sts_ranks(self) -> int:
+        return sum(len(r.sts_ranks) for r in self.roles)
+
+
+def roles(*spec: tuple[tuple[int, ...], tuple[int, ...]]) -> tuple[WorkerRoles, ...]:
+    return tuple(WorkerRoles(r, s) for r, s in spec)
 
 
 CBB_SCENARIOS = {
-    # Two ranks share queries and positives, each brings its own negatives; text mask and score guard on.
-    "cbb_group_of_2": CBBScenario(CBBLayout(((0, 1),)), queries=3, negatives=2, sts_pairs=0, margin=0.0),
+    # Two workers share queries and positives, each brings its own negatives; in-batch negatives on.
+    "cbb_group_of_2": CBBScenario(roles(((0,), ()), ((1,), ())), queries=3, negatives=2, sts_pairs=0,
+                                  in_batch=True),
     # The paper's layout in small: one retrieval rank, one STS rank; Matryoshka on both terms.
-    "cbb_retrieval_and_sts": CBBScenario(
-        CBBLayout(((0,),), (1,)), queries=3, negatives=3, sts_pairs=4, mrl_dims=(2, WIDTH)
-    ),
-    # Two retrieval groups of different sizes plus an STS rank: W=4, R=2, N=(2, 1), S=1.
-    "cbb_two_groups_and_sts": CBBScenario(CBBLayout(((0, 1), (2,)), (3,)), queries=2, negatives=2, sts_pairs=4),
+    "cbb_retrieval_and_sts": CBBScenario(roles(((0,), ()), ((), (0,))), queries=3, negatives=3, sts_pairs=4,
+                                         mrl_dims=(2, WIDTH)),
+    # Fewer workers than logical ranks: worker 0 hosts group rank 0 and the STS rank, worker 1 group rank 1.
+    "cbb_emulated_ranks": CBBScenario(roles(((0,), (0,)), ((1,), ())), queries=2, negatives=2, sts_pairs=3),
+    # The paper's Fig. 3 in small: a retrieval group of 3 workers plus an STS worker, W=4.
+    "cbb_group_of_3_and_sts": CBBScenario(roles(((0,), ()), ((1,), ()), ((2,), ()), ((), (0,))), queries=2,
+                                          negatives=2, sts_pairs=4, in_batch=True),
 }
 IN_BATCH_QUERIES = 3
 
@@ -79,18 +98,18 @@ def in_batch_data(world: int) -> dict[str, torch.Tensor]:
 
 
 def cbb_data(scenario: CBBScenario) -> dict[str, torch.Tensor]:
-    """Raw features: per retrieval group (q, p), per rank (negatives, mask, STS pairs)."""
+    """Raw features: the group's (q, p, mask over all its slots), per group rank negatives, per STS rank pairs."""
     generator = torch.Generator().manual_seed(2)
-    groups, world = len(scenario.layout.retrieval_groups), scenario.layout.world_size
-    b, k, s = scenario.queries, scenario.negatives, scenario.sts_pairs
+    b, n, s, g = scenario.queries, scenario.negatives, scenario.sts_pairs, scenario.group
     return {
-        "q": randn(generator, groups, b, FEATURES),
-        "p": randn(generator, groups, b, FEATURES),
-        "negs": randn(generator, world, b, k, FEATURES),
-        "mask": torch.rand(world, b, k, generator=generator) < 0.25,
-        "sts_a": randn(generator, world, s, FEATURES),
-        "sts_b": randn(generator, world, s, FEATURES),
-        "sts_scores": torch.randint(0, 6, (world, s), generator=generator).double(),
+        "q": randn(generator, b, FEATURES),
+        "p": randn(generator, b, FEATURES),
+        "negs": randn(generator, g, b, n, FEATURES),
+        "mask": torch.rand(b, g * n, generator=generator) < 0.25,
+        "sts_a": randn(generator, max(1, scenario.sts_ranks), s, FEATURES),
+        "sts_b": randn(generator, max(1, scenario.sts_ranks), s, FEATURES),
+        # float32 as in training: the score gather pads with float32 zeros on workers without STS
+        "sts_scores": torch.randint(0, 6, (max(1, scenario.sts_ranks), s), generator=generator).float(),
     }
 
 
@@ -107,23 +126,16 @@ def reference_in_batch(encoder: torch.nn.Module, world: int) -> torch.Tensor:
 
 
 def reference_cbb(encoder: torch.nn.Module, scenario: CBBScenario) -> torch.Tensor:
-    """L = mean over groups of the retrieval term + beta * CoSENT over all STS pairs, via cbb_loss."""
-    data, layout = cbb_data(scenario), scenario.layout
-    kwargs = dict(temperature=TEMPERATURE, beta=BETA, scale=SCALE, margin=scenario.margin)
-    retrieval_terms = []
-    for g, group in enumerate(layout.retrieval_groups):
-        negs = torch.cat([embed(encoder, data["negs"][r]) for r in group], dim=1)
-        mask = torch.cat([data["mask"][r] for r in group], dim=1)
-        q, p = embed(encoder, data["q"][g]), embed(encoder, data["p"][g])
-        loss, _ = cbb_loss(q, p, negs, None, None, None, neg_mask=mask, matryoshka=matryoshka_of(scenario), **kwargs)
-        retrieval_terms.append(loss)
-    total = torch.stack(retrieval_terms).mean()
-    if layout.sts_ranks:
-        a = torch.cat([embed(encoder, data["sts_a"][r]) for r in layout.sts_ranks])
-        b = torch.cat([embed(encoder, data["sts_b"][r]) for r in layout.sts_ranks])
-        scores = torch.cat([data["sts_scores"][r] for r in layout.sts_ranks])
-        sts, _ = cbb_loss(None, None, None, a, b, scores, matryoshka=matryoshka_of(scenario), **kwargs)
-        total = total + sts  # cbb_loss already applied beta
+    """Eq. 3 on one process over the global batch: the group's negatives side by side, all STS pairs."""
+    data = cbb_data(scenario)
+    negs = torch.cat([embed(encoder, data["negs"][r]) for r in range(scenario.group)], dim=1)
+    sts = [None, None, None]
+    if scenario.sts_ranks:
+        sts = [torch.cat([embed(encoder, data[k][r]) for r in range(scenario.sts_ranks)]) for k in ("sts_a", "sts_b")]
+        sts.append(data["sts_scores"][: scenario.sts_ranks].reshape(-1))
+    total, _ = cbb_loss(embed(encoder, data["q"]), embed(encoder, data["p"]), negs, *sts, temperature=TEMPERATURE,
+                        beta=BETA, scale=SCALE, neg_mask=data["mask"], in_batch=scenario.in_batch,
+                        matryoshka=matryoshka_of(scenario))
     return total
 
 
@@ -148,30 +160,20 @@ def in_batch_objective(encoder: torch.nn.Module, rank: int, world: int, naive: b
 
 
 def cbb_objective(encoder: torch.nn.Module, rank: int, scenario: CBBScenario) -> torch.Tensor:
-    data, layout = cbb_data(scenario), scenario.layout
-    groups = make_cbb_groups(layout)
-    kwargs = dict(
-        temperature=TEMPERATURE, beta=BETA, scale=SCALE, margin=scenario.margin, matryoshka=matryoshka_of(scenario)
-    )
-    if layout.role(rank) == "sts":
-        objective, _ = distributed_cbb_terms(
-            groups,
-            sts_a=embed(encoder, data["sts_a"][rank]),
-            sts_b=embed(encoder, data["sts_b"][rank]),
-            sts_scores=data["sts_scores"][rank],
-            **kwargs,
-        )
-        return objective
-    g = layout.group_index(rank)
-    objective, _ = distributed_cbb_terms(
-        groups,
-        q=embed(encoder, data["q"][g]),
-        p=embed(encoder, data["p"][g]),
-        negs=embed(encoder, data["negs"][rank]),
-        neg_mask=data["mask"][rank],
-        **kwargs,
-    )
-    return objective
+    """What training's `cbb_objective` does after encoding: this worker's embeddings into the loss."""
+    data, mine = cbb_data(scenario), scenario.roles[rank]
+    emb = CbbEmbeddings(neg_mask=data["mask"])
+    if mine.retrieval_ranks:
+        emb.q, emb.p = embed(encoder, data["q"]), embed(encoder, data["p"])
+        emb.negs = torch.cat([embed(encoder, data["negs"][g]).reshape(-1, WIDTH) for g in mine.retrieval_ranks])
+    if mine.sts_ranks:
+        emb.sts_a = torch.cat([embed(encoder, data["sts_a"][s]) for s in mine.sts_ranks])
+        emb.sts_b = torch.cat([embed(encoder, data["sts_b"][s]) for s in mine.sts_ranks])
+        emb.sts_scores = torch.cat([data["sts_scores"][s] for s in mine.sts_ranks])
+    shape = CbbShape(scenario.roles, scenario.queries, scenario.negatives, scenario.sts_pairs, WIDTH)
+    tasks = ("retrieval", "sts") if scenario.sts_ranks else ("retrieval",)
+    return distributed_cbb_loss(emb, shape, temperature=TEMPERATURE, beta=BETA, scale=SCALE,
+                                in_batch=scenario.in_batch, matryoshka=matryoshka_of(scenario), tasks=tasks).objective
 
 
 def rank_objective(name: str, encoder: torch.nn.Module, rank: int, world: int) -> torch.Tensor:
@@ -237,8 +239,8 @@ def max_grad_difference(got: dict[str, torch.Tensor], want: dict[str, torch.Tens
     return max((got[name] - want[name]).abs().max().item() for name in want)
 
 
-TWO_RANKS = ["in_batch", "naive_in_batch", "cbb_group_of_2", "cbb_retrieval_and_sts"]
-FOUR_RANKS = ["in_batch", "cbb_two_groups_and_sts"]
+TWO_RANKS = ["in_batch", "naive_in_batch", "cbb_group_of_2", "cbb_retrieval_and_sts", "cbb_emulated_ranks"]
+FOUR_RANKS = ["in_batch", "cbb_group_of_3_and_sts"]
 
 
 @pytest.fixture(scope="module")
@@ -251,7 +253,7 @@ def four_rank_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dic
     return run_ranks(4, FOUR_RANKS, tmp_path_factory.mktemp("four_ranks"))
 
 
-@pytest.mark.parametrize("name", ["in_batch", "cbb_group_of_2", "cbb_retrieval_and_sts"])
+@pytest.mark.parametrize("name", ["in_batch", "cbb_group_of_2", "cbb_retrieval_and_sts", "cbb_emulated_ranks"])
 def test_two_ranks_match_single_process(two_rank_results: dict[str, dict], name: str) -> None:
     want, got = reference(name, 2), two_rank_results[name]
     assert got["loss"].item() == pytest.approx(want["loss"].item(), abs=TOLERANCE)
@@ -267,7 +269,7 @@ def test_naive_gather_gives_a_wrong_gradient(two_rank_results: dict[str, dict]) 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", FOUR_RANKS)
-def test_four_ranks_two_groups_match_single_process(four_rank_results: dict[str, dict], name: str) -> None:
+def test_four_ranks_match_single_process(four_rank_results: dict[str, dict], name: str) -> None:
     want, got = reference(name, 4), four_rank_results[name]
     assert got["loss"].item() == pytest.approx(want["loss"].item(), abs=TOLERANCE)
     assert max_grad_difference(got["grads"], want["grads"]) < TOLERANCE

@@ -11,17 +11,18 @@ import torch.nn.functional as F
 from conan_core.distributed import gather_no_grad, gather_with_grad, mean_over_ranks, world_info
 from conan_core.errors import ConanError
 from conan_core.losses import (
-    CBBLayout,
+    CbbEmbeddings,
+    CbbShape,
     LossInputError,
     MatryoshkaLoss,
+    WorkerRoles,
     cbb_loss,
     cosent_loss,
-    distributed_cbb_terms,
+    distributed_cbb_loss,
     distributed_in_batch_infonce,
     false_negative_mask,
     hard_negative_infonce,
     in_batch_infonce,
-    make_cbb_groups,
 )
 
 
@@ -239,18 +240,13 @@ def test_cbb_loss_with_one_task_only() -> None:
         cbb_loss(None, None, None, None, None, None)
 
 
-def test_cbb_layout_weights_and_validation() -> None:
-    layout = CBBLayout.consecutive([2, 1], sts_workers=1)
-    assert layout.retrieval_groups == ((0, 1), (2,)) and layout.sts_ranks == (3,)
-    assert layout.world_size == 4
-    assert [layout.role(r) for r in range(4)] == ["retrieval", "retrieval", "retrieval", "sts"]
-    assert layout.retrieval_weight(0) == pytest.approx(4 / (2 * 2))
-    assert layout.retrieval_weight(2) == pytest.approx(4 / (1 * 2))
-    assert layout.sts_weight(0.8) == pytest.approx(0.8 * 4)
-    with pytest.raises(LossInputError, match="exactly once"):
-        CBBLayout(((0, 1),), (1,))
-    with pytest.raises(LossInputError, match="exactly once"):
-        CBBLayout(((0, 2),))
+def test_cbb_input_validation() -> None:
+    shape = CbbShape((WorkerRoles((0,), ()),), retrieval_batch=3, negatives_per_rank=2, sts_batch=4, dim=4)
+    with pytest.raises(LossInputError, match="beta must be >= 0"):
+        distributed_cbb_loss(CbbEmbeddings(), shape, temperature=0.05, beta=-1.0, scale=20.0, in_batch=False)
+    with pytest.raises(LossInputError, match="q, p and negs are required"):
+        distributed_cbb_loss(CbbEmbeddings(), shape, temperature=0.05, beta=0.8, scale=20.0, in_batch=False,
+                             tasks=("retrieval",))
 
 
 # ---------------------------------------------------------------- single-process fallbacks
@@ -265,11 +261,8 @@ def test_collectives_pass_through_without_a_process_group() -> None:
     q = F.normalize(torch.randn(3, 4, dtype=torch.float64), dim=-1)
     p = F.normalize(torch.randn(3, 4, dtype=torch.float64), dim=-1)
     assert distributed_in_batch_infonce(q, p, 0.05) == in_batch_infonce(q, p, 0.05)
-    groups = make_cbb_groups(CBBLayout(((0,),)))
     negs = F.normalize(torch.randn(3, 2, 4, dtype=torch.float64), dim=-1)
-    objective, terms = distributed_cbb_terms(groups, q=q, p=p, negs=negs, temperature=0.05)
-    assert objective.item() == pytest.approx(hard_negative_infonce(q, p, negs, 0.05).item(), rel=1e-12)
-    with pytest.raises(LossInputError, match="layout is for 2 ranks"):
-        make_cbb_groups(CBBLayout(((0,),), (1,)))
-    with pytest.raises(LossInputError, match="q, p and negs are required"):
-        distributed_cbb_terms(groups, sts_a=q, sts_b=p, sts_scores=torch.ones(3))
+    shape = CbbShape((WorkerRoles((0,), ()),), retrieval_batch=3, negatives_per_rank=2, sts_batch=4, dim=4)
+    terms = distributed_cbb_loss(CbbEmbeddings(q=q, p=p, negs=negs.reshape(-1, 4)), shape, temperature=0.05,
+                                 beta=0.8, scale=20.0, in_batch=False, tasks=("retrieval",))
+    assert terms.objective.item() == pytest.approx(hard_negative_infonce(q, p, negs, 0.05).item(), rel=1e-12)

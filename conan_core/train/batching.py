@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from conan_core.errors import ConanError
+from conan_core.losses.cbb import WorkerRoles
 from conan_core.train.config import LayoutConfig
 
 
@@ -130,14 +131,6 @@ def _draw(rng: np.random.Generator, group: np.ndarray, quota: int) -> np.ndarray
 
 def rank_slice(batch: np.ndarray, rank: int, per_rank: int) -> np.ndarray:
     return batch[rank * per_rank:(rank + 1) * per_rank]
-
-
-@dataclass(frozen=True)
-class WorkerRoles:
-    """The logical CBB ranks one physical worker computes."""
-
-    retrieval_ranks: tuple[int, ...]
-    sts_ranks: tuple[int, ...]
 
 
 def assign_roles(layout: LayoutConfig, world_size: int) -> list[WorkerRoles]:

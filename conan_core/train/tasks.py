@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from conan_core.distributed import world_info
+from conan_core.losses.cbb import CbbShape
 from conan_core.losses.matryoshka import MatryoshkaLoss
 from conan_core.train.batching import (
     BatchStream,
@@ -30,7 +31,7 @@ from conan_core.train.batching import (
 )
 from conan_core.train.config import FinetuneConfig, PretrainConfig
 from conan_core.train.data import TokenBank, finetune_tasks, load_records, pretrain_pairs
-from conan_core.train.objective import CbbShape, CbbWorkerBatch, Encoder, cbb_objective, pretrain_objective
+from conan_core.train.objective import CbbWorkerBatch, Encoder, cbb_objective, pretrain_objective
 
 
 @dataclass
