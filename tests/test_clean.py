@@ -149,10 +149,9 @@ def test_language_and_length_options(tmp_path: Path) -> None:
 def ray_session():
     import ray
 
-    from conan_core.paths import work_dir
+    from conan_core.raysession import start_local_ray
 
-    ray.init(num_cpus=2, _temp_dir=str(work_dir() / "ray"), include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
+    start_local_ray(num_cpus=2, configure_logging=False)
     yield
     ray.shutdown()
 
