@@ -117,3 +117,26 @@ def test_classification_queries_are_capped_per_source():
     uncapped = classification_as_retrieval(rows, n_negatives=3, seed=0)
     assert len(uncapped) == 70
     assert np.all([len(n) == 3 for n in out.negatives])
+
+
+def test_training_uses_the_models_matryoshka_dims(tmp_path: Path):
+    """model.matryoshka_dims (set at init) is what both stages train with: the only owner of the value."""
+    data = _finetune_data(tmp_path / "ft")
+    for dims, want in ((None, ()), ([8, 32], (8, 32))):
+        model = tiny_model(matryoshka_dims=dims)
+        encode = Encoder(model, TokenBank(model.tokenizer, 32), torch.device("cpu"))
+        cfg = FinetuneConfig(layout=LayoutConfig(retrieval_group=2, sts_workers=1), negatives_per_rank=2,
+                             retrieval_batch=4, sts_batch=8)
+        task = FinetuneTask(cfg, [data], encode.bank, encode)
+        assert task.matryoshka.dims == want
+        pairs = _write(tmp_path / f"pairs{len(want)}", [
+            make_record(kind="pair", query=f"q {i}", positive=f"p {i}", source="s", lang="en") for i in range(8)])
+        pretrain = tasks_module.PretrainTask(PretrainConfig(batch_size=4), [pairs], encode.bank, encode)
+        assert pretrain.matryoshka.dims == want
+
+
+def test_matryoshka_dims_in_a_training_config_fail_validation():
+    with pytest.raises(ValueError, match="model.matryoshka_dims"):
+        PretrainConfig.model_validate({"matryoshka_dims": [64]})
+    with pytest.raises(ValueError, match="model.matryoshka_dims"):
+        FinetuneConfig.model_validate({"matryoshka_dims": [64]})

@@ -20,7 +20,8 @@ class _Strict(BaseModel):
 
 
 class TrainCommon(_Strict):
-    """Options shared by both stages."""
+    """Options shared by both stages. The Matryoshka dims are the model's (`model.matryoshka_dims`, set by
+    `conan model init --matryoshka-dim`): training sums its loss over the dims the model it trains has."""
 
     steps: int | None = Field(default=None, gt=0, description="total optimizer steps (wins over epochs)")
     epochs: float = Field(default=1.0, gt=0, description="passes over the data when steps is not set")
@@ -33,7 +34,6 @@ class TrainCommon(_Strict):
     warmup_ratio: float = Field(default=0.05, ge=0, lt=1)
     schedule: Literal["linear", "constant", "cosine"] = "linear"
     grad_clip: float | None = Field(default=1.0, gt=0, description="max grad norm; null turns clipping off")
-    matryoshka_dims: list[int] | None = Field(default=None, description="losses over these prefix dims")
     bf16: bool = Field(default=True, description="bf16 autocast, only when training on GPU")
     gradient_checkpointing: bool = False
     checkpoint_every: int = Field(
@@ -50,6 +50,14 @@ class TrainCommon(_Strict):
                                 description="write each step's example ids to metrics.jsonl (resume audits)")
     bucket_batches: int = Field(default=32, gt=0,
                                 description="batches per length-sorting chunk (bigger: less padding)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _matryoshka_is_the_models(cls, data: object) -> object:
+        if isinstance(data, dict) and "matryoshka_dims" in data:
+            raise ValueError("matryoshka_dims is the model's: set model.matryoshka_dims (conan model init "
+                             "--matryoshka-dim); training uses the dims of the model it trains")
+        return data
 
 
 class PretrainConfig(TrainCommon):

@@ -154,7 +154,7 @@ def train_loop(spec: dict[str, Any]) -> None:
         if log is not None:
             log.close()
     if world.rank == 0:
-        model.save(out_dir / FINAL_MODEL_DIR, card=_card(stage, config, spec, total, world.size, task.counts))
+        model.save(out_dir / FINAL_MODEL_DIR, card=_card(stage, config, spec, total, world.size, task))
 
 
 def _build_task(stage: str, config: TrainCommon, spec: dict[str, Any], encode: Encoder, rank: int):
@@ -297,14 +297,14 @@ def _maybe_crash(fault: dict[str, Any] | None, step: int, rank: int) -> None:
 
 
 def _card(stage: str, config: TrainCommon, spec: dict[str, Any], steps: int, workers: int,
-          counts: dict[str, int]) -> dict[str, Any]:
+          task) -> dict[str, Any]:
     losses = ("in-batch InfoNCE over the global batch (Eq. 1)" if stage == "pretrain" else
               "CBB: InfoNCE with group negatives + beta*CoSENT (Eq. 3)" if config.mode == "cbb" else
               "vanilla: one task per step (InfoNCE or CoSENT)")
     card = {"stage": stage, "data": [str(d) for d in spec["data_dirs"]], "losses": losses, "steps": steps,
-            "workers": workers, "lr": config.lr, "examples": counts}
-    if config.matryoshka_dims:
-        card["matryoshka_dims"] = config.matryoshka_dims
+            "workers": workers, "lr": config.lr, "examples": task.counts}
+    if task.matryoshka.dims:
+        card["matryoshka_dims"] = list(task.matryoshka.dims)
     if stage == "finetune":
         card["layout"] = config.layout.model_dump()
         card["dhnm"] = bool(spec.get("candidates_dir") and config.dhnm)

@@ -76,7 +76,7 @@ class PretrainTask:
                                              seed=config.seed, weights=weights,
                                              one_group_per_batch=config.one_source_per_step,
                                              bucket_batches=config.bucket_batches)}
-        self.matryoshka = MatryoshkaLoss(config.matryoshka_dims)
+        self.matryoshka = MatryoshkaLoss(model_matryoshka_dims(encode.model))
         self.counts = {"pairs": len(self.pairs), "sources": len(names)}
 
     def steps_per_epoch(self) -> int:
@@ -143,7 +143,7 @@ class FinetuneTask:
                 "sts", by_source, bank.lengths(self.sts.first) + bank.lengths(self.sts.second),
                 config.sts_batch * layout.sts_workers, seed=config.seed, one_group_per_batch=True,
                 bucket_batches=config.bucket_batches)
-        self.matryoshka = MatryoshkaLoss(config.matryoshka_dims)
+        self.matryoshka = MatryoshkaLoss(model_matryoshka_dims(encode.model))
 
     def steps_per_epoch(self) -> int:
         return self.streams["retrieval"].batches_per_epoch
@@ -270,3 +270,8 @@ def _fill_missing_negatives(negatives: list[list[str]], positives: list[str], co
             continue
         picks = rng.choice(len(positives) - 1, size=min(count, len(positives) - 1), replace=False)
         negatives[i] = [positives[j if j < i else j + 1] for j in picks]
+
+
+def model_matryoshka_dims(model: object) -> list[int] | None:
+    """The Matryoshka dims of the model being trained (its conan config owns them); None: plain loss."""
+    return getattr(getattr(model, "config", None), "matryoshka_dims", None)
