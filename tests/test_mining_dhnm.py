@@ -107,12 +107,9 @@ def test_nan_scores_are_padding_and_shapes_are_checked() -> None:
     assert dyn.state_dict()["queries"]["q0"]["initial"] == [0.5, None, 0.5]
 
 
-def test_disabled_never_swaps() -> None:
-    dyn = DynamicNegatives(make_lists(), N, DHNMConfig(enabled=False, check_every=1))
-    dyn.observe(["q0"], np.array([[0.6, 0.6, 0.6]]))
-    dyn.observe(["q0"], np.array([[0.1, 0.1, 0.1]]))
-    assert dyn.maybe_check(1) is None
-    assert ranks_of(dyn, "q0") == [10, 11, 12]
+def test_finetune_dhnm_is_the_only_switch() -> None:
+    with pytest.raises(ValueError, match="finetune.dhnm switches"):
+        DHNMConfig.model_validate({"enabled": False})
 
 
 def test_v2_replaces_single_negatives_by_the_next_candidate() -> None:

@@ -12,15 +12,15 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class DHNMConfig(BaseModel):
-    """Dynamic hard negative mining during finetuning."""
+    """How dynamic hard negative mining works during finetuning; whether it runs is `finetune.dhnm`'s
+    (the one switch)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    enabled: bool = True
     variant: Literal["v1", "v2"] = "v1"
     check_every: int = Field(100, ge=1, description="steps between staleness checks (a query is judged only "
                                                     "once it was seen twice: size it in passes over the pool)")
@@ -32,6 +32,16 @@ class DHNMConfig(BaseModel):
     v2_factor: float = Field(1.2, gt=0)
     v2_limit: float = 0.7
     remine_between_epochs: Literal["off", "stale", "all"] = "stale"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_switch(cls, data: object) -> object:
+        if isinstance(data, dict) and "enabled" in data:
+            if data["enabled"] is not True:
+                raise ValueError("mining.dhnm.enabled is not a setting: finetune.dhnm switches dynamic mining "
+                                 "on/off")
+            data = {k: v for k, v in data.items() if k != "enabled"}  # true (the old default) changes nothing
+        return data
 
 
 class MiningConfig(BaseModel):

@@ -147,7 +147,7 @@ class DynamicNegatives:
             self._log({"kind": "step", "step": step, "mean_neg_score": float(np.mean(self._step_scores)),
                        "negatives_version": self.version})
             self._step_scores = []
-        if not self.config.enabled or step <= 0 or step % self.config.check_every != 0:
+        if step <= 0 or step % self.config.check_every != 0:
             return None
         metrics = self._check_v1() if self.config.variant == "v1" else self._check_v2()
         metrics = {"kind": "check", "step": step, **metrics}

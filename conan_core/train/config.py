@@ -55,8 +55,10 @@ class TrainCommon(_Strict):
     @classmethod
     def _matryoshka_is_the_models(cls, data: object) -> object:
         if isinstance(data, dict) and "matryoshka_dims" in data:
-            raise ValueError("matryoshka_dims is the model's: set model.matryoshka_dims (conan model init "
-                             "--matryoshka-dim); training uses the dims of the model it trains")
+            if data["matryoshka_dims"]:
+                raise ValueError("matryoshka_dims is the model's: set model.matryoshka_dims (conan model init "
+                                 "--matryoshka-dim); training uses the dims of the model it trains")
+            data = {k: v for k, v in data.items() if k != "matryoshka_dims"}  # null asks for nothing
         return data
 
 

@@ -182,8 +182,6 @@ def _dynamic_negatives(config: FinetuneConfig, spec: dict[str, Any], rank: int):
     from conan_core.mining.dhnm import DynamicNegatives
 
     mining = _mining_config(spec)
-    if not mining.dhnm.enabled:
-        return None
     metrics = Path(spec["out_dir"]) / HARDNESS_FILE if rank == 0 else None
     n_total = config.layout.retrieval_group * config.negatives_per_rank
     return DynamicNegatives(CandidateLists.load(Path(spec["candidates_dir"])), n_total, mining.dhnm,
