@@ -207,7 +207,11 @@ def start_server(home: Path, *, port: int | None = None, timeout_s: float = 120.
         reap_stale_server(home, echo=echo)
         port = port or free_port()
         api_url = f"http://127.0.0.1:{port}/api"
-        env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+        # The UI must call this server's API, not the default port 4200 (it showed "Can't connect to Server
+        # API" on any other port). Promotional banners: this Prefect's UI reads them from the browser's
+        # localStorage (`prefect-show-promotional-content`), not from a server setting.
+        env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+                   PREFECT_SERVER_UI_API_URL=api_url)
         env.pop("PREFECT_API_URL", None)  # the server itself must not point at another API
         log_path = home / f"server-{port}.log"
         command = [*_prefect_executable(), "server", "start", "--host", "127.0.0.1", "--port", str(port),

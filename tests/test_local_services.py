@@ -304,3 +304,15 @@ def test_a_home_owned_by_a_live_run_is_not_shared(tmp_path: Path) -> None:
         with pytest.raises(server_module.PrefectServerError, match="another conan run \\(pid 4242\\)"):
             server_module.start_server(tmp_path)
     assert (tmp_path / "conan-server.json").exists()  # left alone
+
+
+@pytest.mark.slow
+def test_the_ui_calls_the_api_of_its_own_server(prefect_home: Path) -> None:
+    """The server listens on a free port; its UI must call that port's API (not 4200)."""
+    run, _ = _start_run(prefect_home)
+    _, port = _server_of(run)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/ui-settings", timeout=10) as response:
+        settings = json.load(response)
+    run.kill()
+    run.wait(timeout=30)
+    assert settings["api_url"] == f"http://127.0.0.1:{port}/api"
