@@ -86,7 +86,8 @@ def timed(fn, *args, **kwargs):
 
 def bench_pool(model_dir: Path, data_dir: Path) -> dict:
     from conan_core.mining.config import MiningConfig
-    from conan_core.mining.pool import ray_session, remine, run_mine
+    from conan_core.mining.run import remine, run_mine
+    from conan_core.raysession import ray_session
 
     out: dict = {}
     # Two shards: one per actor, one actor per core.

@@ -57,7 +57,7 @@ from conan_core.eval.run import run_eval  # noqa: E402
 from conan_core.eval.tasks import resolve_task_names  # noqa: E402
 from conan_core.extract import run_extract  # noqa: E402
 from conan_core.io.dataset import read_dataset  # noqa: E402
-from conan_core.mining.pool import run_mine  # noqa: E402
+from conan_core.mining.run import run_mine  # noqa: E402
 from conan_core.model_init import init_model  # noqa: E402
 from conan_core.raysession import ray_session  # noqa: E402
 from conan_core.train.trainer import run_finetune, run_pretrain  # noqa: E402

@@ -33,7 +33,7 @@ def mine(
 
     from conan_core.errors import ConanError
     from conan_core.mining.config import MiningConfig
-    from conan_core.mining.pool import run_mine
+    from conan_core.mining.run import run_mine
 
     guard = {"margin": None} if no_margin else ({"margin": margin} if margin is not None else {})
     try:

@@ -1,4 +1,4 @@
-"""Prefect task: `conan_core.mining.pool.run_mine` (initial hard-negative candidate lists, Ray actor pool)."""
+"""Prefect task: `conan_core.mining.run.run_mine` (initial hard-negative candidate lists, Ray actor pool)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ def mine_task(model: dict[str, Any], data: dict[str, Any], output: str, config: 
     """Mine candidate lists for the queries of the dataset `data` with the model `model` (both upstream
     results: path + fingerprint) into `output`."""
     from conan_core.mining.config import MiningConfig
-    from conan_core.mining.pool import run_mine
+    from conan_core.mining.run import run_mine
 
     manifest, _ = call_logged("mine", run_mine, model["path"], data["path"], output,
                               MiningConfig.model_validate(config), corpus_dir=corpus["path"] if corpus else None,

@@ -23,7 +23,9 @@ from conan_core.mining.config import DHNMConfig, MiningConfig
 from conan_core.mining.corpus import shard_refs
 from conan_core.mining.dhnm import DynamicNegatives
 from conan_core.mining.guards import normalise_for_match
-from conan_core.mining.pool import MiningPool, ray_session, remine, run_mine
+from conan_core.mining.pool import MiningPool
+from conan_core.mining.run import remine, run_mine
+from conan_core.raysession import ray_session
 from conan_core.schema import make_record, records_table
 from conan_core.testing import tiny_model
 

@@ -236,7 +236,7 @@ class FinetuneTask:
             return {}
         path: list[str | None] = [None]
         if self.world.rank == 0:
-            from conan_core.mining.pool import remine
+            from conan_core.mining.run import remine
 
             model_dir = self.encode.model.save(self.out_dir / "remine" / f"step-{step}" / "model")
             new = remine(model_dir, self.dyn.candidates, queries, config=self.mining,
