@@ -24,8 +24,9 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from conan_core.errors import ConanError
 from conan_core.paths import PROJECT_ROOT, offline_env, work_dir
 from flows.plan import StagePlan, plan_stages, preflight
+from tasks.artifacts import publish_markdown
+from tasks.cache import output_is_intact
 from tasks.clean import clean_task
-from tasks.common import output_is_intact, publish_markdown
 from tasks.evaluate import evaluate_task
 from tasks.extract import extract_task
 from tasks.finetune import finetune_task

@@ -121,7 +121,7 @@ def _check_eval(eval_config: Any) -> None:
 
 
 def _data_stage(name: str, inputs: list[str], output: Path, config: Any, workers: int) -> dict[str, Any]:
-    from tasks.common import fingerprint_paths
+    from tasks.cache import fingerprint_paths
 
     inputs = [resolve_input(item) for item in inputs]
     return {"name": name, "inputs": inputs, "inputs_fingerprint": fingerprint_paths(input_files(inputs)),
@@ -131,7 +131,7 @@ def _data_stage(name: str, inputs: list[str], output: Path, config: Any, workers
 def _base_fingerprint(base: str) -> str:
     """The base model's content hash; a named base resolves to its shipped dir."""
     from conan_core.model import resolve_base
-    from tasks.common import fingerprint_path
+    from tasks.cache import fingerprint_path
 
     return fingerprint_path(resolve_base(base))
 
@@ -139,7 +139,7 @@ def _base_fingerprint(base: str) -> str:
 def plan_stages(config: Any, root: Path) -> StagePlan:
     """Parameters of every stage for `config`, with outputs under `root`. Where Ray runs is not among them:
     the flow connects Ray before the stages, and the same inputs give the same outputs on any cluster."""
-    from tasks.common import fingerprint_paths
+    from tasks.cache import fingerprint_paths
     from tasks.evaluate import task_dirs_fingerprint
 
     data, model = config.data, config.model

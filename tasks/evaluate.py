@@ -7,15 +7,9 @@ from typing import Any
 
 from prefect import get_run_logger, task
 
-from tasks.common import (
-    call_logged,
-    fingerprint_paths,
-    publish_link,
-    publish_markdown,
-    publish_table,
-    stage_output,
-    stage_task_options,
-)
+from tasks.artifacts import publish_link, publish_markdown, publish_table
+from tasks.cache import fingerprint_paths, stage_output, stage_task_options
+from tasks.progress import call_logged
 
 
 def task_dirs_fingerprint(task_dirs: list[str]) -> str:

@@ -7,8 +7,9 @@ from typing import Any
 
 from prefect import task
 
+from tasks.cache import stage_task_options
 from tasks.clean import publish_data_stage
-from tasks.common import call_logged, stage_task_options
+from tasks.progress import call_logged
 
 
 @task(**stage_task_options("extract", run_name="extract-{name}"))

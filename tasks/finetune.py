@@ -7,7 +7,8 @@ from typing import Any
 
 from prefect import get_run_logger, task
 
-from tasks.common import ProgressReporter, call_logged, stage_task_options
+from tasks.cache import stage_task_options
+from tasks.progress import ProgressReporter, call_logged
 from tasks.training_report import publish_training
 
 

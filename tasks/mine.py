@@ -6,7 +6,9 @@ from typing import Any
 
 from prefect import task
 
-from tasks.common import call_logged, counts_table, publish_link, publish_table, stage_output, stage_task_options
+from tasks.artifacts import counts_table, publish_link, publish_table
+from tasks.cache import stage_output, stage_task_options
+from tasks.progress import call_logged
 
 
 @task(**stage_task_options("mine"))

@@ -7,15 +7,8 @@ from typing import Any
 
 from prefect import get_run_logger
 
-from tasks.common import (
-    image_markdown,
-    jsonable,
-    points_table_markdown,
-    publish_link,
-    publish_markdown,
-    read_jsonl,
-    stage_output,
-)
+from tasks.artifacts import image_markdown, jsonable, points_table_markdown, publish_link, publish_markdown, read_jsonl
+from tasks.cache import stage_output
 
 
 def _curve_columns(rows: list[dict[str, Any]], wanted: tuple[str, ...]) -> list[str]:

@@ -11,17 +11,16 @@ import pytest
 
 from conan_core.errors import ConanError
 from flows.server import api_is_healthy, free_port
-from tasks.clean import counts_by_reason
-from tasks.common import (
+from tasks.artifacts import artifact_key, points_table_markdown
+from tasks.cache import (
     StageOutputError,
-    artifact_key,
     fingerprint_path,
     fingerprint_paths,
     output_is_intact,
-    points_table_markdown,
     retry_unless_bad_input,
     stage_output,
 )
+from tasks.clean import counts_by_reason
 
 
 def _model_dir(root: Path) -> Path:
