@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from conan_core.clean.config import ExtractConfig
-from conan_core.clean.stage import UnitOutput, add_signatures, filter_records, finish_stage, map_units
+from conan_core.clean.stage import UnitOutput, add_signatures, filter_records, finish_stage
 from conan_core.io.catalog import resolve_inputs
 from conan_core.io.conversations import ASSISTANT, ConversationError, conversation_turns, prompt_response_pairs
 from conan_core.io.readers import ReadSpec, ReadUnit, plan_units, split_lines
+from conan_core.raymap import map_units
 from conan_core.schema import KIND_PAIR, make_quarantine_row, make_record
 
 REFUSAL = "refusal"

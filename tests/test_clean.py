@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from conan_core.clean.config import CleanConfig
+from conan_core.clean.decontaminate import eval_match_keys, overlap_key
 from conan_core.clean.dedup import NearDuplicateIndex, signatures
 from conan_core.clean.normalise import approx_token_count, detect_lang, normalise_text
-from conan_core.clean.stage import UnitOutput, eval_match_keys, filter_records, overlap_key, run_clean
+from conan_core.clean.stage import UnitOutput, filter_records, run_clean
 from conan_core.io.dataset import read_dataset, read_quarantine
 from conan_core.schema import make_record
 

@@ -1,7 +1,8 @@
 """The clean stage: read -> normalise -> rule filters -> exact + MinHash dedup -> teacher filter -> dataset.
 
 Reading, normalising, the rule filters and the MinHash signatures run per input unit (a file or a
-line range of one), in parallel over Ray workers (`workers=0`: in this process). Dedup then runs in
+line range of one), in parallel over Ray workers (`conan_core.raymap`; `workers=0`: in this process), with
+decontamination against the eval splits (`conan_core.clean.decontaminate`). Dedup then runs in
 the driver in input order, so the first occurrence is kept no matter which worker finished first.
 Every dropped row lands in quarantine with its reason; the manifest counts kept / dropped per reason
 per source.
@@ -10,8 +11,6 @@ per source.
 from __future__ import annotations
 
 import json
-import unicodedata
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,14 +18,15 @@ from typing import Any
 import numpy as np
 
 from conan_core.clean.config import CleanConfig
+from conan_core.clean.decontaminate import eval_match_keys, is_eval_path, load_eval_keys
 from conan_core.clean.dedup import NearDuplicateIndex, dedup_text, exact_key, signatures
 from conan_core.clean.filters import DUPLICATE, EVAL_OVERLAP, NEAR_DUPLICATE, TEACHER_SCORE, rule_reason
 from conan_core.clean.normalise import detect_lang, normalise_text
 from conan_core.clean.teacher import Embedder, load_teacher, score_records
-from conan_core.io.catalog import EVAL_FILES, EVAL_TEXT_FILES, resolve_inputs
+from conan_core.io.catalog import resolve_inputs
 from conan_core.io.dataset import write_dataset
 from conan_core.io.readers import ReadUnit, plan_units, read_unit
-from conan_core.paths import shared_data_dir
+from conan_core.raymap import map_units
 from conan_core.schema import (
     KIND_CLASSIFICATION,
     make_quarantine_row,
@@ -47,11 +47,6 @@ class UnitOutput:
 
 
 # ---------------------------------------------------------------- per unit (runs in workers)
-
-def overlap_key(text: str) -> str:
-    """Loose match key for decontamination: NFKC, lower case, no whitespace."""
-    return "".join(unicodedata.normalize("NFKC", text).lower().split())
-
 
 def normalise_record(record: dict[str, Any], config: CleanConfig) -> dict[str, Any]:
     out = dict(record)
@@ -97,92 +92,8 @@ def process_unit(unit: ReadUnit, config: CleanConfig, eval_keys: frozenset[str] 
     out = UnitOutput(quarantine=list(read.quarantine))
     if read.skipped:
         out.skipped[unit.spec.source] = read.skipped
-    filter_records(read.records, config, None if _is_eval_path(unit.path) else eval_keys, out)
+    filter_records(read.records, config, None if is_eval_path(unit.path) else eval_keys, out)
     return add_signatures(out, config)
-
-
-def _is_eval_path(path: str) -> bool:
-    try:
-        key = Path(path).resolve().relative_to(shared_data_dir()).as_posix()
-    except ValueError:
-        return False
-    return key in EVAL_FILES
-
-
-def eval_match_keys(record: dict[str, Any]) -> list[str]:
-    """Keys under which a record collides with an eval example.
-
-    A classification text collides with any eval text (`t:`); a pair-like row collides with an eval
-    pair of the same two texts in either order (`p:`). Pair tasks reuse sentences across pairs by
-    design (SICK, STS-B), so a shared single sentence is not a leak, a shared pair is.
-    """
-    query = overlap_key(record["query"])
-    if record["kind"] == KIND_CLASSIFICATION or not record["positive"]:
-        return [f"t:{query}"]
-    positive = overlap_key(record["positive"])
-    return [f"p:{query}\x1f{positive}", f"p:{positive}\x1f{query}"]
-
-
-def load_eval_keys() -> frozenset[str]:
-    """Match keys (see eval_match_keys) of every catalogued eval split that is present on disk."""
-    keys: set[str] = set()
-    for relative in EVAL_TEXT_FILES:
-        path = shared_data_dir() / relative
-        if not path.exists():
-            continue
-        for record in read_unit(ReadUnit(str(path), EVAL_FILES[relative])).records:
-            keys.update(f"t:{overlap_key(text)}" for text in (record["query"], record["positive"]) if text)
-            if record["positive"]:
-                keys.add(eval_match_keys(record)[0])
-    return frozenset(keys)
-
-
-# ---------------------------------------------------------------- fan-out
-
-def _progress_bar(total: int, enabled: bool, desc: str) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(total=total, disable=not enabled, desc=desc, unit="unit")
-
-
-def map_units(fn: Callable[..., UnitOutput], units: list[Any], args: tuple, *, workers: int,
-              progress: bool, desc: str) -> list[UnitOutput]:
-    """fn(unit, *args) for every unit, results in unit order; at most `workers` Ray tasks in flight."""
-    bar = _progress_bar(len(units), progress, desc)
-    if workers == 0:
-        results = []
-        for unit in units:
-            results.append(fn(unit, *args))
-            bar.update()
-        bar.close()
-        return results
-    import ray
-
-    from conan_core.raysession import ray_session
-
-    with ray_session(num_cpus=workers):
-        return _map_on_ray(ray, fn, units, args, workers, bar)
-
-
-def _map_on_ray(ray: Any, fn: Callable[..., UnitOutput], units: list[Any], args: tuple, workers: int,
-                bar: Any) -> list[UnitOutput]:
-    try:
-        remote = ray.remote(num_cpus=1)(fn)
-        arg_refs = [ray.put(arg) for arg in args]  # shared once, not copied per task
-        results: list[UnitOutput | None] = [None] * len(units)
-        pending: dict[Any, int] = {}
-        next_index = 0
-        while next_index < len(units) or pending:
-            while next_index < len(units) and len(pending) < workers:
-                pending[remote.remote(units[next_index], *arg_refs)] = next_index
-                next_index += 1
-            done, _ = ray.wait(list(pending), num_returns=1)
-            for ref in done:
-                results[pending.pop(ref)] = ray.get(ref)
-                bar.update()
-        return results  # type: ignore[return-value]
-    finally:
-        bar.close()
 
 
 # ---------------------------------------------------------------- driver: dedup, teacher, counts
