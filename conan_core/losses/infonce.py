@@ -68,7 +68,8 @@ def hard_negative_infonce(
     q[i] are negs[i]. in_batch=True also puts every other row of p (the other queries' positives) in
     q[i]'s denominator. A negative is left out of the denominator where `neg_mask` [B, K] is True (the
     caller's text rule) or, when `margin` is set, where s(q_i, n_ik) > s(q_i, p_i) - margin
-    (see guards.false_negative_mask). The positive is never masked, so the loss stays finite.
+    (guards.additive_margin_mask, via guards.false_negative_mask). The positive is never masked, so the
+    loss stays finite.
     """
     require_dims("q", q, 2)
     require_dims("p", p, 2)

@@ -2,8 +2,10 @@
 
 A candidate is dropped when it is one of the query's positives, equals a positive or the query itself
 after normalisation (case, width, whitespace and punctuation differences do not make a new text), or,
-with a margin, scores too close to the positive (`score >= positive_score * margin`, the
-TopK-PercPos rule of NV-Retriever, arXiv 2407.15831, that the issue asks for with margin 0.95).
+with a margin, scores too close to the positive (`relative_margin_mask`: `score >= positive_score * margin`,
+the TopK-PercPos rule of NV-Retriever, arXiv 2407.15831, that the issue asks for with margin 0.95).
+The training loss's guard is a different rule on purpose (an additive margin on cosines, see
+`conan_core.losses.guards`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,21 @@ def excluded_doc_indices(
     return excluded
 
 
+def relative_margin_mask(scores: Sequence[float] | np.ndarray, positive_score: float | None,
+                         margin: float | None) -> np.ndarray:
+    """The mining margin rule, relative to the positive: True (drop) where `score >= positive_score * margin`.
+
+    This is NV-Retriever's TopK-PercPos (arXiv 2407.15831): a candidate is kept only if it scores below
+    `margin` times the query's positive score (margin 0.95 keeps candidates under 95% of it). It scales
+    with the positive, unlike the training loss's rule (`conan_core.losses.guards.additive_margin_mask`,
+    `s(q, n) > s(q, p) - margin`). `margin` or `positive_score` None: nothing is dropped.
+    """
+    scores = np.asarray(scores)
+    if margin is None or positive_score is None:
+        return np.zeros(scores.shape, dtype=bool)
+    return scores >= positive_score * margin
+
+
 def guard_candidates(
     doc_indices: Sequence[int],
     scores: Sequence[float],
@@ -42,15 +59,14 @@ def guard_candidates(
 ) -> tuple[list[int], list[float]]:
     """Keep the ranked candidates that pass the guards, best first, at most `top_k`.
 
-    `doc_indices` / `scores` are one query's merged search result (index -1 = empty slot).
+    `doc_indices` / `scores` are one query's merged search result (index -1 = empty slot); the margin
+    rule is `relative_margin_mask`.
     """
-    limit = None if margin is None or positive_score is None else positive_score * margin
+    too_close = relative_margin_mask(scores, positive_score, margin)
     kept_docs: list[int] = []
     kept_scores: list[float] = []
-    for doc, score in zip(doc_indices, scores, strict=True):
-        if doc < 0 or not np.isfinite(score) or doc in excluded:
-            continue
-        if limit is not None and score >= limit:
+    for doc, score, drop in zip(doc_indices, scores, too_close, strict=True):
+        if doc < 0 or not np.isfinite(score) or doc in excluded or drop:
             continue
         kept_docs.append(int(doc))
         kept_scores.append(float(score))
