@@ -18,8 +18,7 @@ from pathlib import Path
 
 from conan_core.clean.config import CleanConfig
 from conan_core.clean.stage import run_clean
-from conan_core.io.catalog import catalog_entries
-from conan_core.io.readers import read_file
+from conan_core.io.catalog import catalog_entries, read_file
 
 
 def _perturb(text: str, rng: random.Random, copy: int) -> str:

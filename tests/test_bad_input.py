@@ -19,9 +19,9 @@ from conan_core.clean.config import CleanConfig
 from conan_core.clean.stage import run_clean
 from conan_core.errors import DatasetIntegrityError
 from conan_core.io import dataset as dataset_module
-from conan_core.io.catalog import TRAIN_FILES
+from conan_core.io.catalog import TRAIN_FILES, read_file
 from conan_core.io.dataset import read_dataset, read_manifest, read_quarantine, write_dataset
-from conan_core.io.readers import FieldMap, ReaderError, ReadSpec, read_file, sniff_spec
+from conan_core.io.readers import FieldMap, ReaderError, ReadSpec, sniff_spec
 from conan_core.schema import make_record, quarantine_table, records_table
 
 CONFIG = CleanConfig(decontaminate=False, near_dedup=False)

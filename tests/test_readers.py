@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from conan_core.io.catalog import EVAL_FILES, GROUPS, catalog_entries, catalog_inputs, resolve_inputs
-from conan_core.io.readers import ReaderError, read_file, sniff_spec
+from conan_core.io.catalog import EVAL_FILES, GROUPS, catalog_entries, catalog_inputs, read_file, resolve_inputs
+from conan_core.io.readers import ReaderError, sniff_spec
 from conan_core.paths import shared_data_dir
 
 # Splits `conan eval` scores (brief of the eval helper): none may feed training.

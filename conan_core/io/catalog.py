@@ -1,5 +1,8 @@
 """Catalog of the shared data (`../shared/data`): each file's reader spec, and the named input groups.
 
+This module depends on `conan_core.io.readers`, never the other way: `read_file` (a file read with its
+catalogued spec, else a sniffed one) lives here because it needs the catalog.
+
 Groups: `pretrain_pairs` (weak pairs for pretraining), `finetune` (retrieval with negatives, STS,
 classification), `instruct` (LLM data for `conan extract`), `eval_only` (files `conan eval` scores:
 never in a training group). Where a dataset is both trained on and evaluated, only its train split
@@ -12,7 +15,7 @@ import os
 from pathlib import Path
 
 from conan_core.errors import ConanError
-from conan_core.io.readers import FieldMap, ReaderError, ReadSpec, sniff_spec
+from conan_core.io.readers import FieldMap, ReaderError, ReadResult, ReadSpec, plan_units, read_unit, sniff_spec
 from conan_core.paths import shared_data_dir
 from conan_core.schema import KIND_CLASSIFICATION, KIND_PAIR, KIND_RETRIEVAL, KIND_STS
 
@@ -231,3 +234,15 @@ def resolve_inputs(inputs: list[Path | str]) -> list[tuple[Path, ReadSpec]]:
         path_text, _, variant = text.partition("#")
         resolved.append((Path(path_text), spec_for_path(Path(path_text), variant=variant or None)))
     return resolved
+
+
+def read_file(path: Path, spec: ReadSpec | None = None) -> ReadResult:
+    """Every unit of one file, in order (spec: the given one, else the catalog's, else sniffed)."""
+    spec = spec or spec_for_path(Path(path))
+    total = ReadResult()
+    for unit in plan_units(Path(path), spec):
+        part = read_unit(unit)
+        total.records += part.records
+        total.quarantine += part.quarantine
+        total.skipped += part.skipped
+    return total

@@ -453,20 +453,6 @@ def read_unit(unit: ReadUnit) -> ReadResult:
     return result
 
 
-def read_file(path: Path, spec: ReadSpec | None = None) -> ReadResult:
-    """Every unit of one file, in order (spec: from the catalog, else sniffed)."""
-    from conan_core.io.catalog import spec_for_path
-
-    spec = spec or spec_for_path(Path(path))
-    total = ReadResult()
-    for unit in plan_units(Path(path), spec):
-        part = read_unit(unit)
-        total.records += part.records
-        total.quarantine += part.quarantine
-        total.skipped += part.skipped
-    return total
-
-
 # ---------------------------------------------------------------- sniffing user files
 
 # Cell values (stripped, lower-cased) that make a sniffed table's first row a header row.
