@@ -200,7 +200,7 @@ def mine_with(model_dir: Path, model_key: dict[str, Any], config: PipelineConfig
 
     def build() -> dict[str, Any]:
         started = time.perf_counter()
-        manifest = run_mine(model_dir, paths["finetune"], out_dir, config.mining, workers=config.mining.workers)
+        manifest = run_mine(model_dir, paths["finetune"], out_dir, config.mining)
         return {"dir": str(out_dir), "seconds": time.perf_counter() - started,
                 "counts": manifest.get("counts") if isinstance(manifest, dict) else None}
 

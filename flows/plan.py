@@ -164,7 +164,7 @@ def plan_stages(config: Any, root: Path) -> StagePlan:
                 "task_dirs_hash": task_dirs_fingerprint([str(d) for d in config.eval.task_dirs])}
     return StagePlan(
         clean_pretrain=clean_pretrain, clean_finetune=clean_finetune, extract=extract, init_model=init,
-        mine={"output": str(root / "candidates"), "config": mining, "workers": config.mining.workers},
+        mine={"output": str(root / "candidates"), "config": mining},  # pool size: mining.workers
         pretrain={"output": str(root / "pretrain"), "config": config.pretrain.model_dump(mode="json"),
                   "workers": workers},
         finetune={"output": str(root / "finetune"), "config": config.finetune.model_dump(mode="json"),

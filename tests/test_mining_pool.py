@@ -126,8 +126,8 @@ def test_run_mine_then_remine_with_cache(ray_running, data_dir: Path, model_dir:
     from conan_core.model import ConanEmbedder
 
     # margin=None: compared below with a global index under the text guards only (the margin has its own test)
-    config = MiningConfig(top_k=30, shard_rows=60, margin=None, cache_dir=str(tmp_path / "cache"))
-    manifest = run_mine(model_dir, data_dir, tmp_path / "cands", config, workers=2)
+    config = MiningConfig(top_k=30, shard_rows=60, margin=None, workers=2, cache_dir=str(tmp_path / "cache"))
+    manifest = run_mine(model_dir, data_dir, tmp_path / "cands", config)
     model = ConanEmbedder.load(model_dir)
     assert manifest["config"]["mined_by"]["fingerprint"] == model.fingerprint()
     counts = manifest["counts"]
@@ -160,7 +160,8 @@ def test_run_mine_then_remine_with_cache(ray_running, data_dir: Path, model_dir:
     assert len(dyn.negatives(first)) == 3
 
     some = list(lists.queries)[:7]
-    again = remine(model_dir, tmp_path / "cands", some, out_dir=tmp_path / "cands-2", workers=2)
+    # 2 actors again: the pool size comes from the recorded mining config
+    again = remine(model_dir, tmp_path / "cands", some, out_dir=tmp_path / "cands-2")
     assert again.mined_by["previous"] == lists.fingerprint
     assert read_manifest_counts(tmp_path / "cands-2") == {"shards_encoded": 0, "remined_queries": 7}
     for qid in lists.queries:

@@ -136,8 +136,9 @@ class MiningPool:
         self._actors[slot] = self._new_actor()
 
 
-def pool_size(config: MiningConfig, shards: int, workers: int | None) -> int:
-    """Explicit workers, else the config's, else one actor per shard but no more than the CPUs."""
-    size = workers or config.workers or min(shards, os.cpu_count() or 1)
+def pool_size(config: MiningConfig, shards: int) -> int:
+    """`config.workers` (the one owner of the pool size), else one actor per shard but no more than the CPUs;
+    never more actors than shards."""
+    size = config.workers or min(shards, os.cpu_count() or 1)
     return max(1, min(size, shards))
 

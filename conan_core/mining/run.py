@@ -94,8 +94,7 @@ def query_records(records_table: Any, config: MiningConfig) -> dict[str, QueryCa
 
 
 def run_mine(model_path: str | Path, data_dir: str | Path, out_dir: str | Path, config: MiningConfig, *,
-             corpus_dir: str | Path | None = None, workers: int | None = None,
-             encoder_factory: Callable[[], Encoder] | None = None) -> dict:
+             corpus_dir: str | Path | None = None, encoder_factory: Callable[[], Encoder] | None = None) -> dict:
     """Initial mining: candidate lists for every query record of `data_dir`, written to `out_dir`.
 
     The corpus (every positive/negative text of `corpus_dir`, default `data_dir`) is written as a sharded
@@ -113,7 +112,7 @@ def run_mine(model_path: str | Path, data_dir: str | Path, out_dir: str | Path, 
     write_corpus(corpus_out, texts, shard_rows=config.shard_rows, inputs=[source_dir / "manifest.json"])
     shards = shard_refs(corpus_out)
     doc_ids = read_dataset(corpus_out).column("doc_id").to_pylist()
-    with ray_session(), MiningPool(factory, config, pool_size(config, len(shards), workers)) as pool:
+    with ray_session(), MiningPool(factory, config, pool_size(config, len(shards))) as pool:
         mined = mine(pool, shards, doc_ids, texts, records, config)
         stats = {"actors": pool.size, "actor_restarts": pool.restarts, "shards_encoded": pool.encoded_shards}
         fingerprint = pool.fingerprint
@@ -126,7 +125,7 @@ def run_mine(model_path: str | Path, data_dir: str | Path, out_dir: str | Path, 
 
 
 def remine(model_path: str | Path, candidates: str | Path | CandidateLists, query_ids: Sequence[str] | None = None,
-           *, config: MiningConfig | None = None, out_dir: str | Path | None = None, workers: int | None = None,
+           *, config: MiningConfig | None = None, out_dir: str | Path | None = None,
            encoder_factory: Callable[[], Encoder] | None = None) -> CandidateLists:
     """Re-mine the candidate lists of `query_ids` (None: all) with the checkpoint at `model_path`.
 
@@ -144,7 +143,7 @@ def remine(model_path: str | Path, candidates: str | Path | CandidateLists, quer
     corpus = read_dataset(Path(old.corpus_dir))
     doc_ids, texts = corpus.column("doc_id").to_pylist(), corpus.column("text").to_pylist()
     factory = encoder_factory_for(model_path, encoder_factory)
-    with ray_session(), MiningPool(factory, config, pool_size(config, len(shards), workers)) as pool:
+    with ray_session(), MiningPool(factory, config, pool_size(config, len(shards))) as pool:
         mined = mine(pool, shards, doc_ids, texts, {q: old.queries[q] for q in wanted}, config) if wanted else {}
         stats = {"actors": pool.size, "actor_restarts": pool.restarts, "shards_encoded": pool.encoded_shards,
                  "remined_queries": len(wanted)}
