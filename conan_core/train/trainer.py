@@ -174,9 +174,10 @@ def _run(spec: dict[str, Any], config: TrainCommon, workers: int | None, ray_add
     use_gpu = torch.cuda.is_available()
     with ray_session(ray_address):
         count = workers or default_workers(config)
-        if isinstance(config, FinetuneConfig) and count > config.layout.logical_ranks:
-            raise ConanError(f"{count} workers but the CBB layout has {config.layout.logical_ranks} ranks "
-                             "(retrieval_group + sts_workers); use fewer workers or a bigger layout")
+        if isinstance(config, FinetuneConfig):
+            from conan_core.train.batching import assign_roles
+
+            assign_roles(config.layout, count)  # the layout's one check (LayoutError), here before Ray starts
         trainer = TorchTrainer(
             train_loop, train_loop_config=spec,
             scaling_config=ScalingConfig(num_workers=count, use_gpu=use_gpu),
