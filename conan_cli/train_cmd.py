@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
+from conan_cli.config_opts import ConfigOpt, build_section
 from conan_cli.errors import one_line_errors
 from conan_cli.main import app
 
@@ -24,18 +25,14 @@ WorkersOpt = Annotated[int | None, typer.Option(help="Ray Train workers (default
 StepsOpt = Annotated[int | None, typer.Option(help="Total optimizer steps (wins over --epochs).")]
 EpochsOpt = Annotated[float | None, typer.Option(help="Passes over the data.")]
 LrOpt = Annotated[float | None, typer.Option(help="Peak learning rate.")]
-ConfigOpt = Annotated[Path | None, typer.Option(help="YAML: a pipeline config (its section is used) or the "
-                                                     "section alone.")]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config key: key=value "
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a key of the section: key=value "
                                                                 "(e.g. layout.sts_workers=0); repeatable.")]
+MiningSetOpt = Annotated[list[str] | None, typer.Option(
+    "--mining-set", help="Override a key of the mining section (the pipeline config's mining:, a sibling of "
+                         "finetune:): key=value (e.g. dhnm.check_every=20); repeatable.")]
 RayOpt = Annotated[str | None, typer.Option(help="Join this Ray cluster (default RAY_ADDRESS, else local).")]
 StorageOpt = Annotated[str | None, typer.Option(help="Checkpoint storage: a path or pyarrow/fsspec URI "
                                                      "(default <out>/checkpoints).")]
-
-
-def _flags(**values: Any) -> dict[str, Any]:
-    """Only the flags the user gave: they override the YAML."""
-    return {key: value for key, value in values.items() if value is not None}
 
 
 def _print_progress(step: int, total: int, metrics: dict[str, Any]) -> None:
@@ -57,14 +54,25 @@ def pretrain(data: DataOpt, model: ModelOpt, out: OutOpt, workers: WorkersOpt = 
              lr: LrOpt = None, config: ConfigOpt = None, set_: SetOpt = None, ray_address: RayOpt = None,
              storage: StorageOpt = None) -> None:
     """In-batch InfoNCE over the global batch (paper §2.1)."""
-    from conan_core.config import apply_overrides, load_section
     from conan_core.train.config import PretrainConfig
     from conan_core.train.trainer import run_pretrain
 
-    overrides = apply_overrides(_flags(steps=steps, epochs=epochs, batch_size=batch_size, lr=lr), set_ or [])
-    cfg = load_section(PretrainConfig, "pretrain", config, overrides)
+    cfg = build_section(PretrainConfig, "pretrain", config, set_, steps=steps, epochs=epochs,
+                        batch_size=batch_size, lr=lr)
     _report(run_pretrain(cfg, data, model, out, workers=workers, ray_address=ray_address,
                          progress_callback=_print_progress, storage_path=storage, notice_callback=typer.echo))
+
+
+def finetune_sections(config: Path | None = None, sets: list[str] | None = None,
+                      mining_sets: list[str] | None = None, **shortcuts: Any) -> tuple[Any, Any]:
+    """`conan train finetune`'s FinetuneConfig and MiningConfig: each from its section of `config` (a
+    finetune-only YAML leaves mining at its defaults), then `sets` / `mining_sets`, then the shortcuts."""
+    from conan_core.config import load_sibling, parse_overrides
+    from conan_core.mining.config import MiningConfig
+    from conan_core.train.config import FinetuneConfig
+
+    return (build_section(FinetuneConfig, "finetune", config, sets, **shortcuts),
+            load_sibling(MiningConfig, "mining", config, parse_overrides(mining_sets)))
 
 
 @train_app.command("finetune")
@@ -75,17 +83,15 @@ def finetune(data: DataOpt, model: ModelOpt, out: OutOpt, workers: WorkersOpt = 
                                                            "(one random task per step).")] = None,
              candidates: Annotated[Path | None, typer.Option(help="Candidates dir from `conan mine`: "
                                                                    "dynamic hard negatives.")] = None,
-             config: ConfigOpt = None, set_: SetOpt = None, ray_address: RayOpt = None,
-             storage: StorageOpt = None) -> None:
-    """CBB loss: InfoNCE with the group's hard negatives + beta * CoSENT, every task every step (§2.3)."""
-    from conan_core.config import apply_overrides, load_section
-    from conan_core.mining.config import MiningConfig
-    from conan_core.train.config import FinetuneConfig
+             config: ConfigOpt = None, set_: SetOpt = None, mining_set: MiningSetOpt = None,
+             ray_address: RayOpt = None, storage: StorageOpt = None) -> None:
+    """CBB loss: InfoNCE with the group's hard negatives + beta * CoSENT, every task every step (§2.3).
+
+    `--set` is relative to the finetune section, `--mining-set` to the mining section (DHNM's settings,
+    `dhnm.*`, and the between-epoch re-mine's)."""
     from conan_core.train.trainer import run_finetune
 
-    overrides = apply_overrides(_flags(steps=steps, epochs=epochs, lr=lr, mode=mode), set_ or [])
-    cfg = load_section(FinetuneConfig, "finetune", config, overrides)
-    mining = load_section(MiningConfig, "mining", config)
+    cfg, mining = finetune_sections(config, set_, mining_set, steps=steps, epochs=epochs, lr=lr, mode=mode)
     _report(run_finetune(cfg, data, model, out, candidates_dir=candidates, mining=mining, workers=workers,
                          ray_address=ray_address, progress_callback=_print_progress, storage_path=storage,
                          notice_callback=typer.echo))

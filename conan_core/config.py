@@ -98,6 +98,12 @@ def apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any] | Sequenc
     return result
 
 
+def parse_overrides(overrides: Sequence[str] | None) -> dict[str, Any]:
+    """`["a.b=1", "c=x"]` as flat dotted keys `{"a.b": 1, "c": "x"}` (a later repeat wins), ready to be
+    merged with more keys and handed to `apply_overrides` / `load_section`."""
+    return dict(_split(o) for o in overrides or [])
+
+
 def _split(override: str) -> tuple[str, Any]:
     key, sep, raw = override.partition("=")
     if not sep or not key.strip():
@@ -145,3 +151,12 @@ def load_section(model: type[BaseModel], section: str, path: str | Path | None,
     elif set(data) & set(PipelineConfig.model_fields) and not set(data) & set(model.model_fields):
         data = {}  # a pipeline config without this section: defaults
     return validate(model, apply_overrides(data, overrides), f"{path or 'config'} [{section}]")
+
+
+def load_sibling(model: type[BaseModel], section: str, path: str | Path | None,
+                 overrides: Mapping[str, Any] | Sequence[str] | None = None) -> Any:
+    """A section a command needs besides its own (e.g. `mining` for `conan train finetune`): the pipeline
+    YAML's `section:` key, or the defaults when `path` holds another section alone; overrides are relative
+    to the section."""
+    data = read_yaml(path) if path is not None else {}
+    return validate(model, apply_overrides(data.get(section) or {}, overrides), f"{path or 'config'} [{section}]")
