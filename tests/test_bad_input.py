@@ -231,10 +231,36 @@ def _run_as_nobody() -> list[str] | None:
     return [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"] if setpriv else None
 
 
+def test_unreadable_input_is_one_line_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file system refuses to read the input (what a chmod-000 file does to a non-root user): simulated
+    in-process, so this runs in any checkout and as any user."""
+    import builtins
+
+    locked = tmp_path / "locked.tsv"
+    locked.write_text("a\tb\n")
+    real_open = builtins.open
+
+    def refusing_open(file, *args, **kwargs):
+        if str(file) == str(locked):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refusing_open)
+    monkeypatch.setattr(Path, "read_bytes", lambda self: refusing_open(self, "rb").read())
+    result = _cli("clean", "--input", str(locked), "--output", str(tmp_path / "out"), "--workers", "0",
+                  "--no-progress", "--no-decontaminate")
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and lines == [f"error: {locked}: cannot read (Permission denied)"], result.output
+
+
 def test_unreadable_input_is_one_line() -> None:
     prefix = _run_as_nobody()
     if prefix is None:
         pytest.skip("running as root without setpriv: cannot make a file unreadable")
+    probe = subprocess.run([*prefix, sys.executable, "-c", "import conan_cli"], capture_output=True, cwd="/")
+    if probe.returncode != 0:
+        pytest.skip("the unprivileged user cannot read this checkout (e.g. a clone in a 0700 temp dir); "
+                    "test_unreadable_input_is_one_line_in_process covers the same error")
     shared = Path(tempfile.mkdtemp(prefix="conan-unreadable-"))
     try:
         shared.chmod(0o777)

@@ -211,9 +211,14 @@ def test_tiny_pipeline_completes_with_artifacts(server: PrefectServer, undisturb
 
 def test_failed_stage_reruns_alone_and_matches_undisturbed_run(server: PrefectServer, tiny: dict[str, Any],
                                                                undisturbed: dict[str, Any]) -> None:
-    missing = tiny["root"] / "tasks" / "added_later"
+    # A task folder that passes the flow's pre-flight check (task.json and files present) but whose data
+    # evaluate rejects: only that stage fails. (A missing folder is now refused before any stage runs.)
+    broken = tiny["root"] / "tasks" / "fixed_later"
+    shutil.copytree(tiny["task_dir"], broken)
+    good_rows = (broken / "test.tsv").read_text(encoding="utf-8")
+    (broken / "test.tsv").write_text(good_rows + "一个\t两个\tnot-a-score\n", encoding="utf-8")
     out_dir = tiny["root"] / "run-b"
-    overrides = [f"eval.task_dirs=[{missing}]"]
+    overrides = [f"eval.task_dirs=[{broken}]"]
 
     failed = _run(server, tiny["config"], out_dir, overrides)
     assert failed.is_failed()
@@ -221,7 +226,7 @@ def test_failed_stage_reruns_alone_and_matches_undisturbed_run(server: PrefectSe
     # evaluate fails; evaluate-start (after it) never starts
     assert states == {**{stage: "Completed" for stage in STAGES[:-2]}, "evaluate": "Failed"}
 
-    shutil.copytree(tiny["task_dir"], missing)  # the fix: the task folder eval was pointed at now exists
+    (broken / "test.tsv").write_text(good_rows, encoding="utf-8")  # the fix: the bad row is gone
     rerun = _run(server, tiny["config"], out_dir, overrides)
     assert rerun.is_completed(), rerun.message
     states = _task_states(server, rerun.state_details.flow_run_id)

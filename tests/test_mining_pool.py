@@ -182,14 +182,14 @@ def read_manifest_counts(path: Path) -> dict:
 
 @pytest.mark.slow
 def test_killed_actor_is_restarted_and_no_query_is_lost(ray_running, data_dir: Path, tmp_path: Path) -> None:
-    config = MiningConfig(top_k=20, shard_rows=50, skip_ranks=0, margin=0.95)
+    config = MiningConfig(top_k=20, shard_rows=50, skip_ranks=0, margin=0.95, workers=2)
     undisturbed = run_mine("unused", data_dir, tmp_path / "a", config.model_copy(update={
-        "cache_dir": str(tmp_path / "cache-a")}), workers=2, encoder_factory=Factory(HashEncoder()))
+        "cache_dir": str(tmp_path / "cache-a")}), encoder_factory=Factory(HashEncoder()))
     corpus = read_dataset(tmp_path / "a" / "corpus").column("text").to_pylist()
     trigger = corpus[120]  # a document of shard 2 (served by actor 0, which also holds shard 0)
     marker = tmp_path / "crashed"
     disturbed = run_mine("unused", data_dir, tmp_path / "b", config.model_copy(update={
-        "cache_dir": str(tmp_path / "cache-b")}), workers=2,
+        "cache_dir": str(tmp_path / "cache-b")}),
         encoder_factory=Factory(CrashingHashEncoder(trigger, str(marker))))
     assert marker.exists()
     assert disturbed["counts"]["actor_restarts"] >= 1 and undisturbed["counts"]["actor_restarts"] == 0
