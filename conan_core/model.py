@@ -270,8 +270,7 @@ def _load_encoder(model_dir: Path) -> tuple[nn.Module, Any]:
     except SafetensorError as err:
         raise _weights_error(model_dir, err) from None
     except (OSError, ValueError, KeyError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelLoadError(f"cannot load model from {model_dir}: {first_line}") from None
+        raise ModelLoadError(f"cannot load model from {model_dir}: {_first_line(err)}") from None
     if getattr(encoder, "pooler", None) is not None:
         encoder.pooler = None  # BERT's [CLS] pooler is never used by sentence embeddings: don't train or save it
     return encoder, tokenizer
@@ -281,8 +280,13 @@ def _weights_error(where: Path, err: Exception) -> ModelLoadError:
     """A truncated, empty or corrupt safetensors file, named (the library's message does not name it)."""
     files = [where] if where.is_file() else sorted(where.glob("*.safetensors"))
     named = ", ".join(str(f) for f in files) or f"the weights in {where}"
-    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return WeightsFileError(f"{named}: truncated or corrupt safetensors file ({first_line})")
+    return WeightsFileError(f"{named}: truncated or corrupt safetensors file ({_first_line(err)})")
+
+
+def _first_line(err: Exception) -> str:
+    """A library error's first line (its name when it has no message), for one-line errors."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _load_dense(model_dir: Path) -> nn.Linear | None:
