@@ -38,8 +38,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -469,6 +471,36 @@ def table1(names: list[str], types: dict[str, str], init: dict[str, Any], conan:
     return lines
 
 
+class LoadWatch:
+    """Samples the 1-minute load average while the bench runs: the equal-time comparison is only fair on a
+    quiet machine (another process slows conan's steps, and (b)'s budget is conan's seconds)."""
+
+    def __init__(self, every_s: float = 30.0) -> None:
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(every_s,), daemon=True)
+
+    def _run(self, every_s: float) -> None:
+        while not self._stop.wait(every_s):
+            self.samples.append(os.getloadavg()[0])
+
+    def __enter__(self) -> LoadWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+
+    def summary(self) -> str:
+        if not self.samples:
+            return "load: no samples"
+        cores = os.cpu_count() or 1
+        peak = max(self.samples)
+        note = "" if peak <= cores + 1 else f" (above {cores + 1}: other work shared the CPU; rerun quiet)"
+        return (f"load (1-min average, every 30 s): mean {sum(self.samples) / len(self.samples):.1f}, "
+                f"max {peak:.1f} on {cores} cores{note}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/bench-quality.yaml")
@@ -494,7 +526,7 @@ def main() -> None:
         timings[name] = time.perf_counter() - since
         print(f"[{(time.perf_counter() - started) / 60:.1f} min] {name}: {timings[name]:.0f} s", flush=True)
 
-    with ray_session():
+    with ray_session(), LoadWatch() as load:
         t0 = time.perf_counter()
         paths = prepare(config, out)
         mark("data + start model", t0)
@@ -516,7 +548,7 @@ def main() -> None:
     text += ("\n\ntimings (s, this invocation; cached stages ~0): "
              + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())
              + f"\ntotal wall time: {total / 60:.1f} min{' (smoke)' if smoke else ''}; config {args.config}"
-             + (" + smoke overrides" if smoke else "") + f"; out {out}\n")
+             + (" + smoke overrides" if smoke else "") + f"; out {out}\n" + load.summary() + "\n")
     (out / name).write_text(text)
     print("\n" + text)
 
