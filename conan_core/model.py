@@ -85,6 +85,12 @@ class ConanEmbedder(nn.Module):
     def __init__(self, encoder: nn.Module, tokenizer: Any, config: ModelConfig,
                  dense: nn.Linear | None = None) -> None:
         super().__init__()
+        # BERT's [CLS] pooler is never used by sentence embeddings: it leaves the module tree (not trained,
+        # not moved to the device) and is only put back while saving, so that loaders (sentence-transformers,
+        # AutoModel) find every weight they expect and print no "MISSING pooler.dense" report.
+        object.__setattr__(self, "_unused_pooler", getattr(encoder, "pooler", None))
+        if self._unused_pooler is not None:
+            encoder.pooler = None
         self.encoder = encoder
         self.tokenizer = tokenizer
         self.config = config
@@ -185,13 +191,23 @@ class ConanEmbedder(nn.Module):
         return out
 
     # ---- persistence ---------------------------------------------------------------------------
+    def _save_encoder(self, directory: Path) -> None:
+        if self._unused_pooler is None:
+            self.encoder.save_pretrained(directory, safe_serialization=True)
+            return
+        self.encoder.pooler = self._unused_pooler
+        try:
+            self.encoder.save_pretrained(directory, safe_serialization=True)
+        finally:
+            self.encoder.pooler = None
+
     def save(self, path: str | Path, card: dict[str, Any] | None = None) -> Path:
         """Write the sentence-transformers layout (atomically: a temp dir renamed into place)."""
         target = Path(path)
         tmp = target.with_name(f".{target.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        self.encoder.save_pretrained(tmp, safe_serialization=True)
+        self._save_encoder(tmp)
         self.tokenizer.save_pretrained(tmp)
         modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
                    {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
@@ -271,8 +287,6 @@ def _load_encoder(model_dir: Path) -> tuple[nn.Module, Any]:
         raise _weights_error(model_dir, err) from None
     except (OSError, ValueError, KeyError) as err:
         raise ModelLoadError(f"cannot load model from {model_dir}: {_first_line(err)}") from None
-    if getattr(encoder, "pooler", None) is not None:
-        encoder.pooler = None  # BERT's [CLS] pooler is never used by sentence embeddings: don't train or save it
     return encoder, tokenizer
 
 

@@ -32,7 +32,7 @@ def tiny_model(vocab_texts: Iterable[str] = (), *, expand_dim: int | None = None
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
                         attention_probs_dropout_prob=0.0)
-    encoder = BertModel(config, add_pooling_layer=False)
+    encoder = BertModel(config)  # with the [CLS] pooler, as real BERTs: ConanEmbedder sets it aside
     model_config = ModelConfig(base="tiny-random-bert", expand_dim=expand_dim, matryoshka_dims=matryoshka_dims,
                                max_seq_length=max_seq_length)
     return ConanEmbedder(encoder, tokenizer, model_config)

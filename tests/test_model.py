@@ -53,6 +53,20 @@ def test_save_load_round_trip_and_sentence_transformers_agree(tmp_path):
     assert loaded.fingerprint() == model.fingerprint()
 
 
+def test_saved_model_loads_without_missing_weights_and_pooler_is_not_trained(tmp_path):
+    from transformers import AutoModel
+
+    model = tiny_model()
+    assert not any(name.startswith("encoder.pooler") for name, _ in model.named_parameters())
+    model.save(tmp_path / "m")
+    _, info = AutoModel.from_pretrained(str(tmp_path / "m"), output_loading_info=True)
+    assert not info["missing_keys"], info
+    # A loaded model saves its pooler again (a second generation loads as cleanly).
+    ConanEmbedder.load(tmp_path / "m").save(tmp_path / "m2")
+    _, info = AutoModel.from_pretrained(str(tmp_path / "m2"), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+
+
 def test_missing_or_malformed_model_dir_is_one_line_error(tmp_path):
     with pytest.raises(ModelLoadError, match="not found") as missing:
         ConanEmbedder.load(tmp_path / "nope")
