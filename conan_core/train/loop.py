@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -233,10 +234,16 @@ def train_step(step: int, total: int, config: TrainCommon, model: torch.nn.Modul
     seconds = time.perf_counter() - started
     metrics = {"step": step, "total_steps": total, "loss": sums["loss"], "lr": lr,
                "grad_norm": float(grad_norm), "pairs_per_s": result.pairs / seconds,
-               "tokens_per_s": sums["tokens"] / seconds, "step_seconds": seconds, **sums["tasks"], **extra}
+               "tokens_per_s": sums["tokens"] / seconds, "step_seconds": seconds,
+               "rss_peak_mb": _peak_rss_mb(), **sums["tasks"], **extra}
     if config.log_batch_ids:
         metrics["batch_ids"] = result.batch_ids
     return metrics
+
+
+def _peak_rss_mb() -> float:
+    """This worker process's peak resident memory so far (Linux reports KiB), for memory benchmarks."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _global_sums(result, tokens: int, device: torch.device) -> dict[str, Any]:

@@ -1,0 +1,227 @@
+"""Training speed as users run it: `conan train pretrain` / `conan train finetune` (the CLI, Ray Train) vs
+sentence-transformers' `SentenceTransformerTrainer` on the same real Chinese data, in one run.
+
+Data and start model: the quality bench's (`bench_quality.prepare` with configs/bench-quality.yaml: the
+cleaned shared pretraining / finetuning sets and all-MiniLM-L6-v2 with its vocabulary extended; cached
+under work/bench_quality, built there first if missing). Every side trains at max length 64 with a global
+batch of 32 pairs; each runs in its own process so peak RSS is its own.
+
+- conan pretrain: in-batch InfoNCE, `--workers 1` (the shipped bench layout: one Ray Train worker with
+  both threads) and `--workers 2` (what Ray offers here: two workers of one thread, gradients all-reduced).
+- ST MNRL: `MultipleNegativesRankingLoss`, batch 32, `NO_DUPLICATES` (the same pairs as conan's).
+- ST CachedMNRL: `CachedMultipleNegativesRankingLoss` at batch 128 (mini-batch 32): the large-batch way.
+- conan finetune (CBB: 32 queries + positives + 2 hard negatives each, and 32 STS pairs per step) vs ST
+  MNRL on (anchor, positive, 2 negatives) triplets at batch 32: compared in texts encoded per second.
+
+Per side: pairs/s (texts/s for finetune) over the steps after the first `--warmup`, the ratio to ST MNRL,
+MFU (training FLOPs of the real tokens, from the model's shape, over the fp32 matmul FLOP/s measured in
+this run; the same dataset-mean tokens per text for every side) and peak RSS (conan: the rank-0 training
+worker; ST: its process).
+
+    .venv/bin/python bench/bench_train.py [--steps 30] [--warmup 3] [--skip-finetune]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benches
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench_quality import prepare, training_pairs  # noqa: E402
+from bench_train_step import matmul_flops, step_flops  # noqa: E402
+
+from conan_core.config import load_config  # noqa: E402
+from conan_core.io.dataset import read_dataset  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "configs" / "bench-quality.yaml"
+MAX_LEN, BATCH = 64, 32
+
+
+# ---- one side per process --------------------------------------------------------------------------
+def run_conan(stage: str, data: list[Path], model: Path, out: Path, steps: int, workers: int,
+              batch_per_worker: int | None) -> dict[str, Any]:
+    """`conan train <stage>` as a user launches it; step times and RSS from its metrics.jsonl."""
+    command = [str(Path(sys.executable).parent / "conan"), "train", stage, "--model", str(model), "--out", str(out),
+               "--config", str(CONFIG), "--steps", str(steps), "--workers", str(workers)]
+    for directory in data:
+        command += ["--data", str(directory)]
+    if batch_per_worker is not None:
+        command += ["--batch-size", str(batch_per_worker)]
+    command += ["--set", "checkpoint_every=1000"]  # a step, not a checkpoint, is timed (saves are not in it)
+    started = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wall = time.perf_counter() - started
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {"step_times": [r["step_seconds"] for r in rows], "pairs": [r["pairs_per_s"] * r["step_seconds"]
+                                                                      for r in rows],
+            "tokens": [r["tokens_per_s"] * r["step_seconds"] for r in rows],
+            "rss_mb": max(r.get("rss_peak_mb", 0.0) for r in rows), "wall_s": wall}
+
+
+def run_st_child(kind: str, pairs_file: Path, model: Path, steps: int, batch: int) -> dict[str, Any]:
+    """A sentence-transformers side in its own process (its peak RSS is then its own)."""
+    command = [sys.executable, __file__, "--child", kind, "--pairs-file", str(pairs_file), "--model", str(model),
+               "--steps", str(steps), "--batch", str(batch)]
+    done = subprocess.run(command, check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def st_child(kind: str, pairs_file: Path, model_dir: Path, steps: int, batch: int) -> None:
+    """Train with SentenceTransformerTrainer for `steps`; print {step_times, rss_mb} as the last line."""
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
+    from sentence_transformers.sentence_transformer.losses import (
+        CachedMultipleNegativesRankingLoss,
+        MultipleNegativesRankingLoss,
+    )
+    from sentence_transformers.sentence_transformer.training_args import (
+        BatchSamplers,
+        SentenceTransformerTrainingArguments,
+    )
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self._start = 0.0
+
+        def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003, ANN201
+            self._start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003, ANN201
+            self.times.append(time.perf_counter() - self._start)
+
+    columns = json.loads(pairs_file.read_text())
+    model = SentenceTransformer(str(model_dir), device="cpu")
+    model.max_seq_length = MAX_LEN
+    loss = (CachedMultipleNegativesRankingLoss(model, mini_batch_size=BATCH) if kind == "cached"
+            else MultipleNegativesRankingLoss(model))
+    with tempfile.TemporaryDirectory() as tmp:
+        args = SentenceTransformerTrainingArguments(
+            output_dir=tmp, per_device_train_batch_size=batch, max_steps=steps, learning_rate=5e-5,
+            warmup_steps=0.1, batch_sampler=BatchSamplers.NO_DUPLICATES, report_to="none", save_strategy="no",
+            use_cpu=True, dataloader_drop_last=True, seed=0, logging_steps=1000)
+        clock = StepClock()
+        SentenceTransformerTrainer(model=model, args=args, loss=loss, callbacks=[clock],
+                                   train_dataset=Dataset.from_dict(columns)).train()
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"step_times": clock.times, "rss_mb": rss}))
+
+
+# ---- data for the ST sides -------------------------------------------------------------------------
+def finetune_triplets(directory: Path, limit: int = 20_000) -> dict[str, list[str]]:
+    """(anchor, positive, negative_1, negative_2) from the finetune set's retrieval rows with 2+ negatives."""
+    columns: dict[str, list[str]] = {"anchor": [], "positive": [], "negative_1": [], "negative_2": []}
+    for row in read_dataset(directory).to_pylist():
+        if row["kind"] == "retrieval" and row["positive"] and len(row["negatives"]) >= 2:
+            for name, text in zip(columns, [row["query"], row["positive"], *row["negatives"][:2]], strict=False):
+                columns[name].append(text)
+        if len(columns["anchor"]) >= limit:
+            break
+    return columns
+
+
+def tokens_per_text(model_dir: Path, texts: list[str]) -> float:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=MAX_LEN)["input_ids"]]
+    return statistics.mean(lengths)
+
+
+# ---- report ----------------------------------------------------------------------------------------
+def rate(result: dict[str, Any], per_step: float, warmup: int) -> float:
+    times = result["step_times"][warmup:] or result["step_times"]
+    return per_step / statistics.mean(times)
+
+
+def line(name: str, per_s: float, baseline: float, unit: str, mfu: float, rss: float) -> str:
+    return (f"| {name} | {per_s:.1f} {unit}/s | {per_s / baseline:.2f}x | {100 * mfu:.0f}% | {rss:,.0f} MB |")
+
+
+def flops_per_text(tokens: float) -> float:
+    return step_flops([round(tokens)], layers=6, hidden=384, inter=1536)  # all-MiniLM-L6-v2's shape
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--skip-finetune", action="store_true")
+    parser.add_argument("--child", choices=["mnrl", "cached"], default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--pairs-file", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--model", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, default=BATCH, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        st_child(args.child, args.pairs_file, args.model, args.steps, args.batch)
+        return
+    paths = prepare(load_config(str(CONFIG)), ROOT / "work" / "bench_quality")
+    peak = matmul_flops("cpu")
+    print(f"fp32 matmul peak here: {peak / 1e9:.0f} GFLOP/s; steps {args.steps} (first {args.warmup} not timed)")
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        work = Path(tmp)
+        pretrain_rows(paths, work, args, peak)
+        if not args.skip_finetune:
+            finetune_rows(paths, work, args, peak)
+
+
+def pretrain_rows(paths: dict[str, Path], work: Path, args: argparse.Namespace, peak: float) -> None:
+    anchors, positives = training_pairs([paths["pretrain"], paths["llm"]], sts_min_score=4.0)
+    pairs_file = work / "pairs.json"
+    pairs_file.write_text(json.dumps({"anchor": anchors, "positive": positives}, ensure_ascii=False))
+    tokens = tokens_per_text(paths["init"], anchors[:5000] + positives[:5000])
+    pair_flops = 2 * flops_per_text(tokens)
+    data = [paths["pretrain"], paths["llm"]]
+    results = {
+        "ST MNRL (batch 32)": (run_st_child("mnrl", pairs_file, paths["init"], args.steps, BATCH), BATCH),
+        "ST CachedMNRL (batch 128)": (run_st_child("cached", pairs_file, paths["init"], max(6, args.steps // 3),
+                                                   4 * BATCH), 4 * BATCH),
+        "conan train pretrain, 1 worker": (run_conan("pretrain", data, paths["init"], work / "c1", args.steps, 1,
+                                                     BATCH), BATCH),
+        "conan train pretrain, 2 workers": (run_conan("pretrain", data, paths["init"], work / "c2", args.steps, 2,
+                                                      BATCH // 2), BATCH),
+    }
+    baseline = rate(results["ST MNRL (batch 32)"][0], BATCH, args.warmup)
+    print(f"\n## Pretraining: pairs/s at max length 64 ({tokens:.1f} real tokens per text, dataset mean)\n")
+    print("| side | throughput | vs ST MNRL | MFU | peak RSS |\n|---|---:|---:|---:|---:|")
+    for name, (result, batch) in results.items():
+        per_s = rate(result, batch, args.warmup)
+        print(line(name, per_s, baseline, "pairs", per_s * pair_flops / peak, result["rss_mb"]))
+    for name, (result, _) in results.items():
+        if "wall_s" in result:
+            print(f"{name}: wall {result['wall_s']:.0f} s for {len(result['step_times'])} steps "
+                  f"(Ray start-up, data loading and the model save included)")
+
+
+def finetune_rows(paths: dict[str, Path], work: Path, args: argparse.Namespace, peak: float) -> None:
+    triplets = finetune_triplets(paths["finetune"])
+    triplets_file = work / "triplets.json"
+    triplets_file.write_text(json.dumps(triplets, ensure_ascii=False))
+    tokens = tokens_per_text(paths["init"], [t for column in triplets.values() for t in column[:2000]])
+    text_flops = flops_per_text(tokens)
+    st = run_st_child("mnrl", triplets_file, paths["init"], args.steps, BATCH)
+    conan = run_conan("finetune", [paths["finetune"]], paths["init"], work / "f1", args.steps, 1, None)
+    st_texts = rate(st, 4 * BATCH, args.warmup)  # anchor + positive + 2 negatives
+    # CBB step: 32 queries, 32 positives, 2 x 32 hard negatives, 32 STS pairs (2 texts each)
+    conan_texts = rate(conan, 6 * BATCH, args.warmup)
+    print(f"\n## Finetuning: texts/s ({tokens:.1f} real tokens per text, dataset mean of the triplets)\n")
+    print("| side | throughput | vs ST MNRL | MFU | peak RSS |\n|---|---:|---:|---:|---:|")
+    print(line("ST MNRL triplets (32 x 4 texts)", st_texts, st_texts, "texts", st_texts * text_flops / peak,
+               st["rss_mb"]))
+    print(line("conan train finetune, CBB, 1 worker (32 x 6 texts)", conan_texts, st_texts, "texts",
+               conan_texts * text_flops / peak, conan["rss_mb"]))
+
+
+if __name__ == "__main__":
+    main()
