@@ -34,7 +34,7 @@ class CleanConfig(BaseModel):
     min_teacher_score: float = 0.4  # the paper's cut-off
     teacher_kinds: list[str] = ["pair", "retrieval"]  # kinds whose two sides should be semantically close
     teacher_batch_size: int = Field(64, ge=1)
-    decontaminate: bool = True  # drop rows sharing a side with a catalogued eval split
+    decontaminate: bool = True  # drop rows repeating a catalogued eval pair (or eval text, for classification)
     lines_per_unit: int = Field(20_000, ge=1)  # work unit size for large line files
     shard_rows: int = Field(200_000, ge=1)
 

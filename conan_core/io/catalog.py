@@ -6,7 +6,7 @@ catalogued spec, else a sniffed one) lives here because it needs the catalog.
 Groups: `pretrain_pairs` (weak pairs for pretraining), `finetune` (retrieval with negatives, STS,
 classification), `instruct` (LLM data for `conan extract`), `eval_only` (files `conan eval` scores:
 never in a training group). Where a dataset is both trained on and evaluated, only its train split
-is catalogued for training (see README.md, "Data stages").
+is catalogued for training (see docs/data.md, "`conan data sources`").
 """
 
 from __future__ import annotations
