@@ -171,6 +171,16 @@ def test_pretrain_step_equals_the_plain_step_with_dropout(chunk):
     assert got.tokens == want.tokens  # each text counted once, not again in the replay
 
 
+def test_with_gradient_checkpointing_as_well():
+    """The replay under gradient checkpointing (whose recomputation restores its own RNG state)."""
+    models = [_model(), _model()]
+    for model in models:
+        model.encoder.gradient_checkpointing_enable()
+    want = _run(_encoder(models[0], reference_chunk=2), _pretrain())
+    got = _run(_encoder(models[1], chunk=2), _pretrain())
+    _assert_same_step(got, want)
+
+
 def test_cbb_step_equals_the_plain_step_with_dropout():
     want = _run(_encoder(_model(), reference_chunk=2), _cbb())
     got = _run(_encoder(_model(), chunk=2), _cbb())
