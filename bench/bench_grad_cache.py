@@ -164,9 +164,9 @@ def main() -> None:
         batch, chunk = args.child
         print(json.dumps(run_child(batch, chunk or None, args.steps, args.warmup, model_dir, args.device)))
         return
-    args.model = model_dir
+    name, args.model = args.model, model_dir
     print(f"device {args.device}; torch {torch.__version__}; threads {args.threads or torch.get_num_threads()}; "
-          f"model {Path(model_dir).name}; {MAX_LEN} tokens per text; {args.steps} timed step(s) after "
+          f"model {name}; {MAX_LEN} tokens per text; {args.steps} timed step(s) after "
           f"{args.warmup} warmup; one fresh process per configuration")
     rows = []
     for batch in (int(b) for b in args.batches.split(",")):
