@@ -20,8 +20,10 @@ def tiny_vocab(extra_texts: Iterable[str] = ()) -> list[str]:
 
 
 def tiny_model(vocab_texts: Iterable[str] = (), *, expand_dim: int | None = None, seed: int = 0,
-               matryoshka_dims: list[int] | None = None, max_seq_length: int = 32) -> ConanEmbedder:
-    """A 2-layer, hidden-32 BERT with random weights: fast, deterministic for a seed, no download."""
+               matryoshka_dims: list[int] | None = None, max_seq_length: int = 32,
+               dropout: float = 0.0) -> ConanEmbedder:
+    """A 2-layer, hidden-32 BERT with random weights: fast, deterministic for a seed, no download.
+    dropout: its hidden and attention dropout (0: a train-mode forward is deterministic)."""
     import torch
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
@@ -30,8 +32,8 @@ def tiny_model(vocab_texts: Iterable[str] = (), *, expand_dim: int | None = None
     vocab = {token: index for index, token in enumerate(tiny_vocab(vocab_texts))}
     tokenizer = BertTokenizerFast(vocab=vocab, do_lower_case=True)
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0)
+                        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=dropout,
+                        attention_probs_dropout_prob=dropout)
     encoder = BertModel(config)  # with the [CLS] pooler, as real BERTs: ConanEmbedder sets it aside
     model_config = ModelConfig(base="tiny-random-bert", expand_dim=expand_dim, matryoshka_dims=matryoshka_dims,
                                max_seq_length=max_seq_length)

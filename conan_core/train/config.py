@@ -36,6 +36,14 @@ class TrainCommon(_Strict):
     grad_clip: float | None = Field(default=1.0, gt=0, description="max grad norm; null turns clipping off")
     bf16: bool = Field(default=True, description="bf16 autocast, only when training on GPU")
     gradient_checkpointing: bool = False
+    grad_cache_chunk: int | None = Field(
+        default=None, gt=0,
+        description="gradient caching (GradCache, Gao et al. 2021): encode a step's texts in chunks of this "
+                    "many without a graph, compute the loss on the full batch, then re-encode and "
+                    "back-propagate chunk by chunk (dropout replayed): the plain step's loss and gradients "
+                    "in about one chunk's activation memory, for ~1/3 more compute; counts the texts of "
+                    "one encode call (queries, positives, negatives, STS sides are encoded separately); "
+                    "null: the plain step, one graph over every text")
     checkpoint_every: int = Field(
         default=50, gt=0, description="steps between Ray Train checkpoints (at most half the run: a run "
                                       "shorter than 2x this checkpoints at its middle step too)")

@@ -1,14 +1,15 @@
 """The Ray Train worker loop shared by pretraining and finetuning.
 
-Each step: the task hands this worker its share of the global batch and its objective; one backward;
-gradients averaged over workers (one flat all-reduce); clipping; AdamW; the LR from a pure function of
-the step. Rank 0 appends metrics to `<out>/metrics.jsonl` (the driver tails it for progress) and, on the
-steps `CheckpointSchedule` picks (every `checkpoint_every` steps but at most half the run, the last step,
-and every `checkpoint_every_s` seconds), a checkpoint goes to Ray Train (`ray.train.report`), which keeps
-the newest `keep_checkpoints` under the run's storage. On a restart (a crash under FailureConfig, or the
-same command rerun) `ray.train.get_checkpoint()` hands the last checkpoint back and the loop continues at
-the next step with the same data position and RNG state, so no batch is repeated or skipped. Each start
-is recorded in `<out>/starts.jsonl` (fresh, or which step and checkpoint it resumed from) for the driver.
+Each step: the task hands this worker its share of the global batch and its objective; one backward (or,
+with `grad_cache_chunk`, GradCache's chunked one: `train.grad_cache`); gradients averaged over workers
+(one flat all-reduce); clipping; AdamW; the LR from a pure function of the step. Rank 0 appends metrics
+to `<out>/metrics.jsonl` (the driver tails it for progress) and, on the steps `CheckpointSchedule` picks
+(every `checkpoint_every` steps but at most half the run, the last step, and every `checkpoint_every_s`
+seconds), a checkpoint goes to Ray Train (`ray.train.report`), which keeps the newest `keep_checkpoints`
+under the run's storage. On a restart (a crash under FailureConfig, or the same command rerun)
+`ray.train.get_checkpoint()` hands the last checkpoint back and the loop continues at the next step with
+the same data position and RNG state, so no batch is repeated or skipped. Each start is recorded in
+`<out>/starts.jsonl` (fresh, or which step and checkpoint it resumed from) for the driver.
 """
 
 from __future__ import annotations
@@ -128,8 +129,7 @@ def train_loop(spec: dict[str, Any]) -> None:
         model.encoder.gradient_checkpointing_enable()
     model.train()
     optimizer = make_optimizer(model, config)
-    encode = Encoder(model, TokenBank(model.tokenizer, config.max_length), device,
-                     bf16=config.bf16 and device.type == "cuda")
+    encode = make_encoder(model, config, device)
     task = _build_task(stage, config, spec, encode, world.rank)
     total = total_steps(config, task.steps_per_epoch())
     task.last_step = total
@@ -156,6 +156,12 @@ def train_loop(spec: dict[str, Any]) -> None:
             log.close()
     if world.rank == 0:
         model.save(out_dir / FINAL_MODEL_DIR, card=_card(stage, config, spec, total, world.size, task))
+
+
+def make_encoder(model: torch.nn.Module, config: TrainCommon, device: torch.device) -> Encoder:
+    """The step's encoder: the config's max length, bf16 on GPU only, gradient caching when configured."""
+    return Encoder(model, TokenBank(model.tokenizer, config.max_length), device,
+                   bf16=config.bf16 and device.type == "cuda", grad_cache_chunk=config.grad_cache_chunk)
 
 
 def _build_task(stage: str, config: TrainCommon, spec: dict[str, Any], encode: Encoder, rank: int):
@@ -221,8 +227,7 @@ def train_step(step: int, total: int, config: TrainCommon, model: torch.nn.Modul
     set_lr(optimizer, lr)
     optimizer.zero_grad(set_to_none=True)
     result = task.step(step)
-    if result.objective.requires_grad:  # a worker with no part in this step's tasks contributes zeros
-        result.objective.backward()
+    encode.backward(result.objective)  # one backward, or GradCache's chunked one
     params = [p for p in model.parameters() if p.requires_grad]
     average_gradients(params)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip or float("inf"))

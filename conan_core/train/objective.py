@@ -3,7 +3,9 @@
 Pretraining: in-batch InfoNCE over the global batch (`losses.infonce.distributed_in_batch_infonce`).
 Finetuning: the CBB loss of `losses.cbb.distributed_cbb_loss` (its docstring has the layout and the
 scaling that makes the workers' averaged gradient the gradient of the global loss). Gradients are
-averaged over workers after backward (`average_gradients`, what DDP does).
+averaged over workers after backward (`average_gradients`, what DDP does). Both stages run the same way
+under gradient caching (`Encoder.grad_cache_chunk`, `train.grad_cache`): the objectives only see
+embeddings, and `Encoder.backward` does the chunked back-propagation.
 """
 
 from __future__ import annotations
@@ -20,24 +22,58 @@ from conan_core.losses.cbb import CbbEmbeddings, CbbShape, CbbTerms, distributed
 from conan_core.losses.infonce import distributed_in_batch_infonce
 from conan_core.losses.matryoshka import MatryoshkaLoss
 from conan_core.train.data import TokenBank
+from conan_core.train.grad_cache import GradCache
 
 
 @dataclass
 class Encoder:
-    """Runs the model on token batches: moves them to the device, bf16 autocast on GPU, float32 out."""
+    """Runs the model on token batches: moves them to the device, bf16 autocast on GPU, float32 out.
+
+    grad_cache_chunk set: gradient caching (`train.grad_cache`): a call returns embeddings computed in
+    chunks of that many texts without a graph, and `backward` carries the loss's gradient to the model
+    chunk by chunk; None: a call keeps the graph over all its texts and `backward` is one backward.
+    """
 
     model: torch.nn.Module
     bank: TokenBank
     device: torch.device
     bf16: bool = False
     tokens: int = 0  # real (non-padding) tokens encoded so far, for tokens/s
+    grad_cache_chunk: int | None = None
+    _cache: GradCache | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.grad_cache_chunk is not None:
+            self._cache = GradCache(self.features, self.forward, self.grad_cache_chunk, self.device)
+
+    @property
+    def grad_cached(self) -> bool:
+        return self._cache is not None
 
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:
+        """The texts' embeddings [n, d]: with a graph to the model, or GradCache's leaf (see the class)."""
+        if self._cache is not None:
+            return self._cache.embed(texts)
+        return self.forward(self.features(texts))
+
+    def features(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The texts as a padded batch on the CPU; counts their tokens (once per text per step)."""
         features = self.bank.features(texts)
         self.tokens += int(features["attention_mask"].sum())  # counted on the CPU copy: no device sync
+        return features
+
+    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         features = {k: v.to(self.device, non_blocking=True) for k, v in features.items()}
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             return self.model(features).float()
+
+    def backward(self, objective: torch.Tensor) -> None:
+        """Back-propagate this step's objective into the model's .grad (GradCache's parts 2 and 3 when
+        on). An objective without grad (a worker with no part in this step's tasks) contributes zeros."""
+        if self._cache is not None:
+            self._cache.backward(objective)
+        elif objective.requires_grad:
+            objective.backward()
 
 
 def pretrain_objective(encode: Encoder, queries: Sequence[str], positives: Sequence[str], *,
