@@ -14,7 +14,7 @@ import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -182,8 +182,23 @@ def prefect_settings(api_url: str) -> contextlib.AbstractContextManager:
     return temporary_settings(updates={PREFECT_API_URL: api_url})
 
 
+def flow_run_link_hook(announce: Callable[[str], None]) -> Callable[..., None]:
+    """An `on_running` flow hook that hands `announce` the flow run's UI link
+    (`<UI>/runs/flow-run/<id>`, the UI URL Prefect derives from PREFECT_API_URL) as the run starts."""
+    def announce_flow_run_link(flow: Any, flow_run: Any, state: Any) -> None:
+        from prefect.utilities.urls import url_for
+
+        announce(url_for("flow-run", obj_id=flow_run.id) or f"flow run {flow_run.id}")
+
+    return announce_flow_run_link
+
+
 def run_pipeline(api_url: str, config: str, overrides: list[str] | None = None, out_dir: str | None = None,
-                 **options: Any) -> Any:
-    """Run the flow in this process against `api_url`; returns the flow's final Prefect state."""
+                 on_flow_run: Callable[[str], None] | None = None, **options: Any) -> Any:
+    """Run the flow in this process against `api_url`; returns the flow's final Prefect state.
+    `on_flow_run` gets the flow run's UI link when it starts running."""
+    pipeline = conan_pipeline
+    if on_flow_run is not None:
+        pipeline = conan_pipeline.with_options(on_running=[flow_run_link_hook(on_flow_run)])
     with prefect_settings(api_url):
-        return conan_pipeline(config=config, overrides=overrides, out_dir=out_dir, return_state=True, **options)
+        return pipeline(config=config, overrides=overrides, out_dir=out_dir, return_state=True, **options)
