@@ -24,6 +24,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from conan_core.errors import ConanError
 from conan_core.paths import PROJECT_ROOT, offline_env, work_dir
 from flows.plan import StagePlan, plan_stages, preflight
+from flows.server import flow_run_link_hook
 from tasks.artifacts import publish_markdown
 from tasks.cache import output_is_intact
 from tasks.clean import clean_task
@@ -180,17 +181,6 @@ def prefect_settings(api_url: str) -> contextlib.AbstractContextManager:
     PREFECT_LOCAL_STORAGE_PATH, by default $PREFECT_HOME/storage, and `offline_env()` puts PREFECT_HOME
     inside the work dir: the same place a worker's flow-run subprocess uses, so both share one cache."""
     return temporary_settings(updates={PREFECT_API_URL: api_url})
-
-
-def flow_run_link_hook(announce: Callable[[str], None]) -> Callable[..., None]:
-    """An `on_running` flow hook that hands `announce` the flow run's UI link
-    (`<UI>/runs/flow-run/<id>`, the UI URL Prefect derives from PREFECT_API_URL) as the run starts."""
-    def announce_flow_run_link(flow: Any, flow_run: Any, state: Any) -> None:
-        from prefect.utilities.urls import url_for
-
-        announce(url_for("flow-run", obj_id=flow_run.id) or f"flow run {flow_run.id}")
-
-    return announce_flow_run_link
 
 
 def run_pipeline(api_url: str, config: str, overrides: list[str] | None = None, out_dir: str | None = None,

@@ -128,21 +128,25 @@ def _is_alive(pid: int, start_ticks: int | None) -> bool:
     return True
 
 
-def _reap(pid: int) -> None:
-    """Collect the exit status of `pid` when it is our own child, so it does not linger as a zombie."""
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, os.WNOHANG)
-
-
 def _group_alive(pgid: int) -> bool:
-    """True while any process is left in process group `pgid`."""
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
+    """True while a live process (not a zombie) is left in process group `pgid`."""
+    if not Path("/proc/self/stat").exists():
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
         return True
-    return True
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # it went meanwhile
+            continue
+        state, _ppid, pgrp = text[text.rindex(")") + 2:].split()[:3]
+        if int(pgrp) == pgid and state not in ("Z", "X"):
+            return True
+    return False
 
 
 def _wait_until(done: Callable[[], bool], timeout_s: float) -> bool:
@@ -164,7 +168,6 @@ def _terminate(pid: int, start_ticks: int | None, timeout_s: float = 20.0) -> No
     kill = os.killpg if group else os.kill
 
     def gone() -> bool:
-        _reap(pid)
         return not _is_alive(pid, start_ticks)
 
     for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 10.0)):
@@ -364,6 +367,17 @@ def default_home() -> Path:
 
 def ui_url(api_url: str) -> str:
     return api_url.rstrip("/").removesuffix("/api")
+
+
+def flow_run_link_hook(announce: Callable[[str], None]) -> Callable[..., None]:
+    """An `on_running` flow hook that hands `announce` the flow run's UI link (`<UI>/runs/flow-run/<id>`,
+    with the UI URL Prefect derives from PREFECT_API_URL) as the run starts."""
+    def announce_flow_run_link(flow: Any, flow_run: Any, state: Any) -> None:
+        from prefect.utilities.urls import url_for
+
+        announce(url_for("flow-run", obj_id=flow_run.id) or f"flow run {flow_run.id}")
+
+    return announce_flow_run_link
 
 
 @dataclass(frozen=True)
