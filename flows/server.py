@@ -170,13 +170,15 @@ def _terminate(pid: int, start_ticks: int | None, timeout_s: float = 20.0) -> No
     def gone() -> bool:
         return not _is_alive(pid, start_ticks)
 
+    signalled = False  # only a group we signalled is ours to wait for (the pid may name another one now)
     for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 10.0)):
         if gone():
             break
         with contextlib.suppress(ProcessLookupError):
             kill(pid, sig)
+        signalled = True
         _wait_until(gone, wait_s)
-    if group and gone() and not _wait_until(lambda: not _group_alive(pid), 5.0):
+    if group and signalled and gone() and not _wait_until(lambda: not _group_alive(pid), 5.0):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
         _wait_until(lambda: not _group_alive(pid), 5.0)
