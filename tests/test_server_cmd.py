@@ -222,6 +222,19 @@ def _listening(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
+def _processes_on(home: Path) -> list[int]:
+    """Pids of the live processes whose environment says PREFECT_HOME=`home`."""
+    wanted = f"\0PREFECT_HOME={home}\0".encode()
+    pids = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if wanted in b"\0" + environ.read_bytes():
+                pids.append(int(environ.parent.name))
+        except OSError:
+            continue
+    return pids
+
+
 def _get_json(url: str) -> Any:
     with urllib.request.urlopen(url, timeout=10) as response:
         return json.load(response)
@@ -281,13 +294,18 @@ def test_conan_server_start_status_stop(kept_home: Path, monkeypatch: pytest.Mon
     lines = dict(line.split(" ", 1) for line in flow_run.stdout.splitlines() if line.startswith(("ID ", "LINK ")))
     assert flow_run.returncode == 0 and "LINK" in lines, flow_run.stdout + flow_run.stderr[-3000:]
     assert lines["LINK"] == f"http://127.0.0.1:{port}/runs/flow-run/{lines['ID']}"
-    with urllib.request.urlopen(lines["LINK"], timeout=10) as response:
+    page = urllib.request.Request(lines["LINK"], headers={"Accept": "text/html"})  # as a browser asks for it
+    with urllib.request.urlopen(page, timeout=10) as response:
         assert response.status == 200 and b"<html" in response.read().lower()
 
+    assert record["pid"] in _processes_on(kept_home)
     stop = _conan(kept_home, "server", "stop")
     assert stop.returncode == 0 and stop.stdout.startswith("stopped the Prefect server"), stop.stdout + stop.stderr
     assert not _listening(port)
-    assert _group_gone(record["pid"]) and not Path(f"/proc/{record['pid']}").exists()
+    # No process is left: not its group, nor any process of that PREFECT_HOME (a zombie waiting for init
+    # to reap it has no environment and counts as gone).
+    assert _group_gone(record["pid"]) and not server_module._is_alive(record["pid"], record["start_ticks"])
+    assert _processes_on(kept_home) == []
     assert server_module.read_pid_file(kept_home) is None
     assert _conan(kept_home, "server", "status").returncode == 1
     stop_again = _conan(kept_home, "server", "stop")
