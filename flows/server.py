@@ -104,15 +104,32 @@ def _prefect_executable() -> list[str]:
 
 # ---- process identity: a pid plus its start time, so a reused pid is not taken for the server ----------
 
-def _start_ticks(pid: int) -> int | None:
-    """The process's start time (clock ticks since boot) from /proc; None when it is gone, a zombie, or
-    there is no /proc."""
+def _stat_fields(path: Path) -> list[str] | None:
+    """The fields of a /proc `stat` file after the command name (state first), or None when it is gone."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        stat = path.read_text()
     except OSError:
         return None
-    fields = stat[stat.rindex(")") + 2:].split()
-    return None if fields[0] in ("Z", "X") else int(fields[19])
+    return stat[stat.rindex(")") + 2:].split()
+
+
+def _exited(pid: int, state: str) -> bool:
+    """A process has exited when it is a zombie and so is every thread of it: the main thread of a process
+    that is exiting shows Z while its other threads still run (and still hold its files, locks included)."""
+    if state not in ("Z", "X"):
+        return False
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return True
+    return all((fields := _stat_fields(task / "stat")) is None or fields[0] in ("Z", "X") for task in tasks)
+
+
+def _start_ticks(pid: int) -> int | None:
+    """The process's start time (clock ticks since boot) from /proc; None when it is gone, has exited (a
+    zombie), or there is no /proc."""
+    fields = _stat_fields(Path(f"/proc/{pid}/stat"))
+    return None if fields is None or _exited(pid, fields[0]) else int(fields[19])
 
 
 def _is_alive(pid: int, start_ticks: int | None) -> bool:
@@ -139,12 +156,8 @@ def _group_alive(pgid: int) -> bool:
             return True
         return True
     for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:  # it went meanwhile
-            continue
-        state, _ppid, pgrp = text[text.rindex(")") + 2:].split()[:3]
-        if int(pgrp) == pgid and state not in ("Z", "X"):
+        fields = _stat_fields(stat)
+        if fields is not None and int(fields[2]) == pgid and not _exited(int(stat.parent.name), fields[0]):
             return True
     return False
 
@@ -222,6 +235,13 @@ def _try_lock(home: Path) -> IO[Any] | None:
     except BlockingIOError:
         lock.close()
         return None
+    return lock
+
+
+def _wait_for_lock(home: Path, timeout_s: float) -> IO[Any] | None:
+    deadline = time.monotonic() + timeout_s
+    while (lock := _try_lock(home)) is None and time.monotonic() < deadline:
+        time.sleep(0.1)
     return lock
 
 
@@ -519,9 +539,12 @@ def stop_kept_server(home: Path, *, timeout_s: float = 20.0) -> str:
     _terminate(record["pid"], record.get("start_ticks"), timeout_s=timeout_s)
     if _is_alive(record["pid"], record.get("start_ticks")):
         raise PrefectServerError(f"the Prefect server (pid {record['pid']}) did not stop after SIGTERM and SIGKILL")
-    lock = _try_lock(home)
-    if lock is not None:  # else another process took the home meanwhile: its pid file is not ours to touch
+    lock = _wait_for_lock(home, timeout_s=10.0)  # the server's last threads release it as they exit
+    if lock is None:  # another process took the home meanwhile: its pid file is not ours to touch
+        return f"stopped the Prefect server (pid {record['pid']}); {home} is locked by another process now"
+    try:
         _remove_pid_file(home, record["pid"])
+    finally:
         lock.close()
     return f"stopped the Prefect server on {home} (pid {record['pid']}, port {record['port']})"
 
