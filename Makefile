@@ -13,7 +13,7 @@ export PREFECT_HOME := $(WORK)/prefect_home
 export MPLCONFIGDIR := $(WORK)/mpl
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo ui test lint bench clean
 
 venv: $(STAMP)
 
@@ -26,8 +26,15 @@ $(STAMP): pyproject.toml constraints.txt
 	$(VENV)/bin/pip check
 	touch $(STAMP)
 
+# After the run (also a failed one), the one command that reopens the UI on the demo's database.
 demo: $(STAMP)
-	$(VENV)/bin/conan run --config configs/demo.yaml
+	$(VENV)/bin/conan run --config configs/demo.yaml; status=$$?; \
+	echo "The Prefect UI on this demo's database ($(PREFECT_HOME)): make ui  (stop it: $(VENV)/bin/conan server stop)"; \
+	exit $$status
+
+# A Prefect server (API and UI on 127.0.0.1:4200) that outlives runs; `conan run` / `make demo` use it.
+ui: $(STAMP)
+	$(VENV)/bin/conan server start
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check conan_core conan_cli tasks flows deployments tests bench
@@ -37,4 +44,5 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check conan_core conan_cli tasks flows deployments tests bench
 
 clean:
+	@if [ -x $(VENV)/bin/conan ]; then $(VENV)/bin/conan server stop; fi
 	rm -rf $(WORK) .pytest_cache

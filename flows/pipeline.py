@@ -14,7 +14,7 @@ import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from conan_core.errors import ConanError
 from conan_core.paths import PROJECT_ROOT, offline_env, work_dir
 from flows.plan import StagePlan, plan_stages, preflight
+from flows.server import flow_run_link_hook
 from tasks.artifacts import publish_markdown
 from tasks.cache import output_is_intact
 from tasks.clean import clean_task
@@ -183,7 +184,11 @@ def prefect_settings(api_url: str) -> contextlib.AbstractContextManager:
 
 
 def run_pipeline(api_url: str, config: str, overrides: list[str] | None = None, out_dir: str | None = None,
-                 **options: Any) -> Any:
-    """Run the flow in this process against `api_url`; returns the flow's final Prefect state."""
+                 on_flow_run: Callable[[str], None] | None = None, **options: Any) -> Any:
+    """Run the flow in this process against `api_url`; returns the flow's final Prefect state.
+    `on_flow_run` gets the flow run's UI link when it starts running."""
+    pipeline = conan_pipeline
+    if on_flow_run is not None:
+        pipeline = conan_pipeline.with_options(on_running=[flow_run_link_hook(on_flow_run)])
     with prefect_settings(api_url):
-        return conan_pipeline(config=config, overrides=overrides, out_dir=out_dir, return_state=True, **options)
+        return pipeline(config=config, overrides=overrides, out_dir=out_dir, return_state=True, **options)

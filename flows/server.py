@@ -1,4 +1,5 @@
-"""A Prefect API to talk to: the one `PREFECT_API_URL` names if it answers, else a local server we start.
+"""A Prefect API to talk to: the one `PREFECT_API_URL` names if it answers, else the server `conan server
+start` keeps on this PREFECT_HOME, else a local server we start for the run.
 
 `prefect server start` on a new SQLite database needs about 17 s before `/api/health` answers (measured
 on this machine); a restart on an existing database about 6 s. One SIGTERM stops it. We start it in its own
@@ -15,6 +16,14 @@ A server we start never outlives its run:
   rather than start a second server on the same SQLite file;
 - after starting its server, `prefect_api` marks flow runs and task runs left Running/Pending in that
   database (by a dead run: no live one can use it, the lock says so) Crashed.
+
+A kept server (`conan server start`, `start_kept_server`) outlives the command that started it:
+- it is started without PDEATHSIG, in its own session (no terminal's SIGHUP reaches it), output to
+  `server-<port>.log`;
+- it holds the same lock itself: the lock file's descriptor is handed to it, so the lock lasts as long as
+  the server does, and no run starts a second server on its database meanwhile;
+- its `conan-server.json` says `"kept": true`; `conan run` finds it there and uses it (starts none);
+- `stop_kept_server` sends SIGTERM to its process group, waits, then SIGKILL, and removes the pid file.
 """
 
 from __future__ import annotations
@@ -41,6 +50,8 @@ from conan_core.paths import work_dir
 
 PID_FILE = "conan-server.json"
 LOCK_FILE = "conan-server.lock"
+DEFAULT_PORT = 4200
+KEEP_HINT = "`conan server start` keeps one running for the UI after a run (`conan run` then uses it)"
 
 # Run between fork and the `prefect` exec: ask the kernel for SIGTERM when the parent dies (kept across
 # exec), then exit at once if the parent already died before that.
@@ -93,15 +104,32 @@ def _prefect_executable() -> list[str]:
 
 # ---- process identity: a pid plus its start time, so a reused pid is not taken for the server ----------
 
-def _start_ticks(pid: int) -> int | None:
-    """The process's start time (clock ticks since boot) from /proc; None when it is gone, a zombie, or
-    there is no /proc."""
+def _stat_fields(path: Path) -> list[str] | None:
+    """The fields of a /proc `stat` file after the command name (state first), or None when it is gone."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        stat = path.read_text()
     except OSError:
         return None
-    fields = stat[stat.rindex(")") + 2:].split()
-    return None if fields[0] in ("Z", "X") else int(fields[19])
+    return stat[stat.rindex(")") + 2:].split()
+
+
+def _exited(pid: int, state: str) -> bool:
+    """A process has exited when it is a zombie and so is every thread of it: the main thread of a process
+    that is exiting shows Z while its other threads still run (and still hold its files, locks included)."""
+    if state not in ("Z", "X"):
+        return False
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return True
+    return all((fields := _stat_fields(task / "stat")) is None or fields[0] in ("Z", "X") for task in tasks)
+
+
+def _start_ticks(pid: int) -> int | None:
+    """The process's start time (clock ticks since boot) from /proc; None when it is gone, has exited (a
+    zombie), or there is no /proc."""
+    fields = _stat_fields(Path(f"/proc/{pid}/stat"))
+    return None if fields is None or _exited(pid, fields[0]) else int(fields[19])
 
 
 def _is_alive(pid: int, start_ticks: int | None) -> bool:
@@ -117,21 +145,56 @@ def _is_alive(pid: int, start_ticks: int | None) -> bool:
     return True
 
 
+def _group_alive(pgid: int) -> bool:
+    """True while a live process (not a zombie) is left in process group `pgid`."""
+    if not Path("/proc/self/stat").exists():
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        fields = _stat_fields(stat)
+        if fields is not None and int(fields[2]) == pgid and not _exited(int(stat.parent.name), fields[0]):
+            return True
+    return False
+
+
+def _wait_until(done: Callable[[], bool], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
 def _terminate(pid: int, start_ticks: int | None, timeout_s: float = 20.0) -> None:
-    """SIGTERM the process (its whole group when it leads one), SIGKILL after `timeout_s`."""
+    """SIGTERM the process (its whole group when it leads one), SIGKILL after `timeout_s`; when it led a
+    group, also wait for the rest of the group to go (SIGKILL to what is left after 5 s)."""
     try:
         group = os.getpgid(pid) == pid
     except ProcessLookupError:
         return
     kill = os.killpg if group else os.kill
+
+    def gone() -> bool:
+        return not _is_alive(pid, start_ticks)
+
+    signalled = False  # only a group we signalled is ours to wait for (the pid may name another one now)
     for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 10.0)):
-        if not _is_alive(pid, start_ticks):
-            return
+        if gone():
+            break
         with contextlib.suppress(ProcessLookupError):
             kill(pid, sig)
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline and _is_alive(pid, start_ticks):
-            time.sleep(0.1)
+        signalled = True
+        _wait_until(gone, wait_s)
+    if group and signalled and gone() and not _wait_until(lambda: not _group_alive(pid), 5.0):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+        _wait_until(lambda: not _group_alive(pid), 5.0)
 
 
 # ---- the pid file and the owner's lock ------------------------------------------------------------------
@@ -145,12 +208,16 @@ def read_pid_file(home: Path) -> dict[str, Any] | None:
     return record if isinstance(record, dict) and isinstance(record.get("pid"), int) else None
 
 
-def _write_pid_file(home: Path, process: subprocess.Popen, port: int, api_url: str) -> None:
+def _write_pid_file(home: Path, process: subprocess.Popen, port: int, api_url: str, *,
+                    kept: bool = False) -> dict[str, Any]:
+    """Name the server in `conan-server.json`; `kept`: started by `conan server start` (it owns itself)."""
     record = {"pid": process.pid, "start_ticks": _start_ticks(process.pid), "port": port, "api_url": api_url,
-              "owner_pid": os.getpid(), "started_at": time.time()}
+              "owner_pid": process.pid if kept else os.getpid(), "started_at": time.time(), "kept": kept,
+              "log": str(home / f"server-{port}.log")}
     tmp = home / f"{PID_FILE}.tmp"
     tmp.write_text(json.dumps(record))
     tmp.replace(home / PID_FILE)
+    return record
 
 
 def _remove_pid_file(home: Path, pid: int) -> None:
@@ -159,19 +226,39 @@ def _remove_pid_file(home: Path, pid: int) -> None:
         (home / PID_FILE).unlink(missing_ok=True)
 
 
-def _take_ownership(home: Path) -> IO[Any]:
-    """Lock `home` for this process (released by the kernel when it dies, however it dies)."""
+def _try_lock(home: Path) -> IO[Any] | None:
+    """`home`'s lock for this process, or None when another process holds it. The kernel releases it when
+    every holder of the descriptor is gone, however they die."""
     lock = open(home / LOCK_FILE, "a+")  # noqa: SIM115 - held for the server's lifetime
     try:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         lock.close()
-        record = read_pid_file(home) or {}
-        raise PrefectServerError(
-            f"another conan run (pid {record.get('owner_pid', '?')}) runs a Prefect server on {home} "
-            f"({record.get('api_url', 'starting')}); wait for it to finish, or share it with "
-            f"PREFECT_API_URL={record.get('api_url', '<its URL>')}") from None
+        return None
     return lock
+
+
+def _wait_for_lock(home: Path, timeout_s: float) -> IO[Any] | None:
+    deadline = time.monotonic() + timeout_s
+    while (lock := _try_lock(home)) is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return lock
+
+
+def _take_ownership(home: Path) -> IO[Any]:
+    """Lock `home` for this process (released by the kernel when it dies, however it dies)."""
+    lock = _try_lock(home)
+    if lock is not None:
+        return lock
+    record = read_pid_file(home) or {}
+    if record.get("kept"):
+        raise PrefectServerError(
+            f"the Prefect server `conan server start` keeps on {home} (pid {record['pid']}, {record['api_url']}) "
+            f"does not answer; see {record.get('log')}, or stop it with `conan server stop`")
+    raise PrefectServerError(
+        f"another conan run (pid {record.get('owner_pid', '?')}) runs a Prefect server on {home} "
+        f"({record.get('api_url', 'starting')}); wait for it to finish, or share it with "
+        f"PREFECT_API_URL={record.get('api_url', '<its URL>')}")
 
 
 def reap_stale_server(home: Path, *, echo: Callable[[str], None] = print) -> dict[str, Any] | None:
@@ -182,15 +269,51 @@ def reap_stale_server(home: Path, *, echo: Callable[[str], None] = print) -> dic
         (home / PID_FILE).unlink(missing_ok=True)
         return None
     pid, ticks = record["pid"], record.get("start_ticks")
+    left_by = "`conan server start`" if record.get("kept") else f"a dead run (pid {record.get('owner_pid')})"
     if ticks is not None and _is_alive(pid, ticks):  # without its start time, a live pid may be another process
-        echo(f"stopping the Prefect server (pid {pid}, {record.get('api_url')}) left by a dead run "
-             f"(pid {record.get('owner_pid')})")
+        echo(f"stopping the Prefect server (pid {pid}, {record.get('api_url')}) left by {left_by}")
         _terminate(pid, ticks)
     else:
-        echo(f"found the pid file of a Prefect server (pid {pid}, no longer running) left by a dead run "
-             f"(pid {record.get('owner_pid')})")
+        echo(f"found the pid file of a Prefect server (pid {pid}, no longer running) left by {left_by}")
     (home / PID_FILE).unlink(missing_ok=True)
     return record
+
+
+def _server_env(home: Path, api_url: str) -> dict[str, str]:
+    # The UI must call this server's API, not the default port 4200 (it showed "Can't connect to Server
+    # API" on any other port). Promotional banners: this Prefect's UI reads them from the browser's
+    # localStorage (`prefect-show-promotional-content`), not from a server setting.
+    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_SERVER_UI_API_URL=api_url)
+    env.pop("PREFECT_API_URL", None)  # the server itself must not point at another API
+    return env
+
+
+def _launch(home: Path, port: int, *, die_with_parent: bool,
+            pass_fds: tuple[int, ...] = ()) -> tuple[subprocess.Popen, str, Path]:
+    """`prefect server start --host 127.0.0.1 --port <port>` in its own session, output to
+    `<home>/server-<port>.log`; returns the process, its API URL and the log's path."""
+    api_url = f"http://127.0.0.1:{port}/api"
+    log_path = home / f"server-{port}.log"
+    command = [*_prefect_executable(), "server", "start", "--host", "127.0.0.1", "--port", str(port),
+               "--analytics-off"]
+    if die_with_parent and sys.platform.startswith("linux"):
+        command = [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *command]
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(command, env=_server_env(home, api_url), stdout=log, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True, pass_fds=pass_fds)
+    return process, api_url, log_path
+
+
+def _wait_healthy(process: subprocess.Popen, api_url: str, log_path: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise PrefectServerError(f"prefect server exited with code {process.returncode}; see {log_path}")
+        if api_is_healthy(api_url):
+            return
+        time.sleep(0.5)
+    raise PrefectServerError(f"prefect server not healthy after {timeout_s:.0f} s; see {log_path}")
 
 
 def start_server(home: Path, *, port: int | None = None, timeout_s: float = 120.0,
@@ -206,35 +329,15 @@ def start_server(home: Path, *, port: int | None = None, timeout_s: float = 120.
     try:
         reap_stale_server(home, echo=echo)
         port = port or free_port()
-        api_url = f"http://127.0.0.1:{port}/api"
-        # The UI must call this server's API, not the default port 4200 (it showed "Can't connect to Server
-        # API" on any other port). Promotional banners: this Prefect's UI reads them from the browser's
-        # localStorage (`prefect-show-promotional-content`), not from a server setting.
-        env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-                   PREFECT_SERVER_UI_API_URL=api_url)
-        env.pop("PREFECT_API_URL", None)  # the server itself must not point at another API
-        log_path = home / f"server-{port}.log"
-        command = [*_prefect_executable(), "server", "start", "--host", "127.0.0.1", "--port", str(port),
-                   "--analytics-off"]
-        if sys.platform.startswith("linux"):
-            command = [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *command]
-        with open(log_path, "ab") as log:
-            process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL, start_new_session=True)
+        process, api_url, log_path = _launch(home, port, die_with_parent=True)
     except BaseException:
         lock.close()
         raise
     server = PrefectServer(api_url=api_url, process=process, log_path=log_path, home=home, lock=lock)
     try:
         _write_pid_file(home, process, port, api_url)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise PrefectServerError(f"prefect server exited with code {process.returncode}; see {log_path}")
-            if api_is_healthy(api_url):
-                return server
-            time.sleep(0.5)
-        raise PrefectServerError(f"prefect server not healthy after {timeout_s:.0f} s; see {log_path}")
+        _wait_healthy(process, api_url, log_path, timeout_s)
+        return server
     except BaseException:
         stop_server(server)
         raise
@@ -277,15 +380,192 @@ def drain_prefect_clients(timeout_s: float = 10.0) -> None:
             worker.drain_all(timeout=timeout_s)
 
 
-def connect_or_start(home: Path | None = None, *, echo=print) -> PrefectServer:
-    """Use `PREFECT_API_URL` when it answers; otherwise start a local server under `home`."""
+# ---- a kept server: `conan server start / status / stop` -----------------------------------------------
+
+def default_home() -> Path:
+    """The PREFECT_HOME a server and its database live in: `PREFECT_HOME`, else `<work dir>/prefect_home`."""
+    return Path(os.environ.get("PREFECT_HOME") or work_dir() / "prefect_home")
+
+
+def ui_url(api_url: str) -> str:
+    return api_url.rstrip("/").removesuffix("/api")
+
+
+def flow_run_link_hook(announce: Callable[[str], None]) -> Callable[..., None]:
+    """An `on_running` flow hook that hands `announce` the flow run's UI link (`<UI>/runs/flow-run/<id>`,
+    with the UI URL Prefect derives from PREFECT_API_URL) as the run starts."""
+    def announce_flow_run_link(flow: Any, flow_run: Any, state: Any) -> None:
+        from prefect.utilities.urls import url_for
+
+        announce(url_for("flow-run", obj_id=flow_run.id) or f"flow run {flow_run.id}")
+
+    return announce_flow_run_link
+
+
+@dataclass(frozen=True)
+class ServerStatus:
+    """What runs on a PREFECT_HOME, as its pid file, the processes it names and the API's health say."""
+
+    home: Path
+    record: dict[str, Any] | None
+    alive: bool = False  # the server process the pid file names is running
+    healthy: bool = False  # and its API answers
+    owner_alive: bool = False  # the process that owns it (a conan run; a kept server owns itself) is running
+
+    @property
+    def kept(self) -> bool:
+        return bool(self.record and self.record.get("kept"))
+
+    @property
+    def running(self) -> bool:
+        return self.alive and self.healthy
+
+    def describe(self) -> str:
+        """One line: what runs here and where its UI is, or why nothing usable does."""
+        record = self.record
+        if record is None:
+            return f"no Prefect server runs on {self.home}"
+        if not self.alive:
+            return (f"no Prefect server runs on {self.home}: pid {record['pid']} (port {record.get('port')}) "
+                    f"named in {PID_FILE} has exited")
+        if not self.healthy:
+            return (f"the Prefect server on {self.home} (pid {record['pid']}) runs but {record['api_url']} does "
+                    f"not answer (starting, or stuck: see {record.get('log')})")
+        where = f"UI {ui_url(record['api_url'])}, API {record['api_url']} (pid {record['pid']})"
+        if self.kept:
+            return f"running: {where}; PREFECT_HOME {self.home}; log {record.get('log')}"
+        if self.owner_alive:
+            return f"running for conan run pid {record.get('owner_pid')}, stops when it ends: {where}"
+        return f"running, left by a dead conan run (pid {record.get('owner_pid')}): {where}"
+
+
+def server_status(home: Path) -> ServerStatus:
+    """The status of the server `home`'s pid file names. Read only: nothing is started, stopped, removed or
+    locked (a probe of the lock could make a run that starts its server at that moment fail)."""
+    record = read_pid_file(home)
+    if record is None:
+        return ServerStatus(home, None)
+    alive = _is_alive(record["pid"], record.get("start_ticks"))
+    healthy = alive and api_is_healthy(str(record.get("api_url")))
+    owner = record.get("owner_pid")
+    owner_alive = alive if record.get("kept") else isinstance(owner, int) and _is_alive(owner, None)
+    return ServerStatus(home, record, alive=alive, healthy=healthy, owner_alive=owner_alive)
+
+
+def kept_server(home: Path) -> dict[str, Any] | None:
+    """The pid file's record of the server `conan server start` keeps on `home` when it answers, else None."""
+    status = server_status(home)
+    return status.record if status.kept and status.running else None
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds (TIME_WAIT is fine)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _already_running(home: Path, port: int | None) -> dict[str, Any]:
+    """`home` is locked: the record of the kept server that holds it, or PrefectServerError saying why not."""
+    status = server_status(home)
+    record = status.record
+    if not status.kept and status.owner_alive:
+        raise PrefectServerError(f"a conan run (pid {record['owner_pid']}) has its own Prefect server on {home}, "
+                                 f"which stops when the run ends; start one after it")
+    if not (status.kept and status.running):
+        raise PrefectServerError(status.describe() if record else f"{home} is locked by another process")
+    if port is not None and port != record["port"]:
+        raise PrefectServerError(f"a Prefect server already runs on {home} on port {record['port']}; "
+                                 f"`conan server stop` first to start it on port {port}")
+    return record
+
+
+def start_kept_server(home: Path, *, port: int | None = None, timeout_s: float = 120.0,
+                      echo: Callable[[str], None] = print) -> tuple[dict[str, Any], bool]:
+    """Start a server on `home` that outlives this process (no PDEATHSIG, its own session, holding `home`'s
+    lock itself); wait until healthy. Port `port`, default 4200. Returns its pid file's record and whether
+    it was started now (False: one was already running there)."""
+    home.mkdir(parents=True, exist_ok=True)
+    lock = _try_lock(home)
+    if lock is None:
+        return _already_running(home, port), False
+    process = None
+    try:
+        reap_stale_server(home, echo=echo)
+        port = port or DEFAULT_PORT
+        if not _port_is_free(port):
+            raise PrefectServerError(f"port {port} on 127.0.0.1 is in use; choose another with --port")
+        process, api_url, log_path = _launch(home, port, die_with_parent=False, pass_fds=(lock.fileno(),))
+        record = _write_pid_file(home, process, port, api_url, kept=True)
+        _wait_healthy(process, api_url, log_path, timeout_s)
+    except BaseException:
+        if process is not None:
+            _terminate(process.pid, _start_ticks(process.pid))
+            _remove_pid_file(home, process.pid)
+        raise
+    finally:
+        lock.close()  # the server holds its own copy of the lock from now on
+    return record, True
+
+
+def _clear_stale(home: Path, record: dict[str, Any]) -> None:
+    """Under `home`'s lock: stop what a dead owner left (when still alive) and remove the pid file."""
+    lock = _try_lock(home)
+    if lock is None:
+        raise PrefectServerError(f"the Prefect server on {home} (pid {record['pid']}) belongs to conan run pid "
+                                 f"{record.get('owner_pid')} and stops when that run ends")
+    try:
+        reap_stale_server(home, echo=lambda _: None)
+    finally:
+        lock.close()
+
+
+def stop_kept_server(home: Path, *, timeout_s: float = 20.0) -> str:
+    """Stop the server `conan server start` keeps on `home` (SIGTERM to its process group, SIGKILL after
+    `timeout_s`), remove its pid file; returns what was done, in one line. Nothing to stop is no error;
+    a server that belongs to a live `conan run` is (PrefectServerError): it stops when that run ends."""
+    status = server_status(home)
+    record = status.record
+    if record is None:
+        return f"no Prefect server runs on {home}; nothing to stop"
+    if not status.kept or not status.alive:  # a dead one's pid file, or a run's server
+        _clear_stale(home, record)
+        if status.alive:
+            return f"stopped the Prefect server (pid {record['pid']}) left by a dead conan run"
+        return f"{status.describe()}; removed its pid file"
+    _terminate(record["pid"], record.get("start_ticks"), timeout_s=timeout_s)
+    if _is_alive(record["pid"], record.get("start_ticks")):
+        raise PrefectServerError(f"the Prefect server (pid {record['pid']}) did not stop after SIGTERM and SIGKILL")
+    lock = _wait_for_lock(home, timeout_s=10.0)  # the server's last threads release it as they exit
+    if lock is None:  # another process took the home meanwhile: its pid file is not ours to touch
+        return f"stopped the Prefect server (pid {record['pid']}); {home} is locked by another process now"
+    try:
+        _remove_pid_file(home, record["pid"])
+    finally:
+        lock.close()
+    return f"stopped the Prefect server on {home} (pid {record['pid']}, port {record['port']})"
+
+
+def connect_or_start(home: Path | None = None, *, echo: Callable[[str], None] = print) -> PrefectServer:
+    """Use `PREFECT_API_URL` when it answers; else the server `conan server start` keeps on `home`; else
+    start a local server under `home` for this run."""
     configured = os.environ.get("PREFECT_API_URL")
     if configured and api_is_healthy(configured):
         return PrefectServer(api_url=configured)
+    home = home or default_home()
+    kept = kept_server(home)
     if configured:
-        echo(f"PREFECT_API_URL={configured} does not answer; starting a local Prefect server instead")
-    home = home or Path(os.environ.get("PREFECT_HOME", work_dir() / "prefect_home"))
-    echo("starting a local Prefect server (about 17 s on a new database) ...")
+        instead = "using the kept server on its PREFECT_HOME" if kept else "starting a local Prefect server"
+        echo(f"PREFECT_API_URL={configured} does not answer; {instead} instead")
+    if kept is not None:
+        echo(f"using the Prefect server `conan server start` keeps on {home} (pid {kept['pid']}); it keeps "
+             f"running after this run")
+        return PrefectServer(api_url=kept["api_url"], home=home)
+    echo("starting a local Prefect server for this run (about 17 s on a new database); it stops when the run "
+         f"ends; {KEEP_HINT}")
     return start_server(home, echo=echo)
 
 

@@ -311,6 +311,9 @@ def test_conan_run_joins_the_running_server_and_prints_outputs(server: PrefectSe
     assert result.exit_code == 0, result.output
     assert "starting a local Prefect server" not in result.output
     (flow_run_id,) = _local_flow_run_ids(server) - before
+    # Its own flow run's page in the UI, as the run starts and (the server outlives the run) at the end.
+    link = f"{server.api_url.removesuffix('/api')}/runs/flow-run/{flow_run_id}"
+    assert f"flow run: {link}\n" in result.output and f"this run in the Prefect UI: {link}\n" in result.output
     runs = _task_run_states(server, flow_run_id)
     assert sorted(runs) == sorted([(stage, "Cached") for stage in STAGES] + [("evaluate", "Completed")])
     assert (tiny["root"] / "run-a" / "eval" / "final" / "results.json").is_file()
