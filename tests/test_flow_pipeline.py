@@ -69,9 +69,14 @@ def _texts(paths: list[Path]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return write_tiny_pipeline(tmp_path_factory.mktemp("flow"))
+
+
+def write_tiny_pipeline(root: Path) -> dict[str, Any]:
+    """The tiny pipeline's inputs, model, STS task and config under `root` (also used by other test files):
+    {"root", "config", "task_dir"}."""
     from conan_core.testing import tiny_model
 
-    root = tmp_path_factory.mktemp("flow")
     inputs = _write_inputs(root / "inputs")
     model_dir = tiny_model(_texts([inputs["pretrain"]])[:10], max_seq_length=32).save(root / "tiny-model")
     task_dir = _write_sts_task(root / "tasks" / "tiny_sts")
@@ -207,6 +212,68 @@ def test_tiny_pipeline_completes_with_artifacts(server: PrefectServer, undisturb
     assert comparison == summary["comparison"] and "| TinySTS | STS |" in comparison
     assert ("NOT better" in comparison) == (summary["not_better"] == ["TinySTS"])
     assert "TinySTS" in artifacts["evaluate-comparison"]
+
+
+COUNTS_TABLES = ["clean-pretrain-counts", "clean-finetune-counts", "extract-instruct-counts", "mine-counts"]
+# The flow run page: the link `conan run` prints opens the V1 UI; the UI's root redirects to the V2 one.
+UI_PAGES = {"v1": "/runs/flow-run/{id}", "v2": "/v2/runs/flow-run/{id}"}
+
+
+def _same_cell(shown: str, value: Any) -> bool:
+    if shown == str(value):
+        return True
+    try:
+        return float(shown.replace(",", "")) == pytest.approx(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _same_row(shown: list[str], row: dict[str, Any], columns: list[str]) -> bool:
+    return len(shown) == len(columns) and all(_same_cell(cell, row[column])
+                                              for cell, column in zip(shown, columns, strict=True))
+
+
+@pytest.mark.parametrize("ui", sorted(UI_PAGES))
+def test_the_ui_shows_the_run_in_a_real_browser(server: PrefectServer, undisturbed: dict[str, Any], ui: str,
+                                                tmp_path: Path) -> None:
+    """Headless Chromium opens the flow run's page of the server the project started: every stage's task
+    run is listed Completed, and the counts tables are among its artifacts and render their rows. (Before
+    the UI got its server's API URL, the page said "Can't connect to Server API".)"""
+    from browser import BrowserError, Chromium, artifact_cards, find_chromium, open_tab, rendered_table, task_run_states
+
+    if find_chromium() is None:
+        if os.environ.get("CONAN_REQUIRE_BROWSER"):
+            pytest.fail("no Chromium on PATH (apt-get install chromium); CONAN_REQUIRE_BROWSER is set")
+        pytest.skip("no Chromium on PATH (apt-get install chromium; .ci/run installs it)")
+    flow_run_id = undisturbed["state"].state_details.flow_run_id
+    ui_root = server.api_url.removesuffix("/api")
+    page = ui_root + UI_PAGES[ui].format(id=flow_run_id)
+    data = {key: _table(value) for key, value in _artifacts(server, flow_run_id).items() if key in COUNTS_TABLES}
+    with Chromium(tmp_path / "chromium-profile") as browser:
+        try:
+            browser.navigate(page)
+            open_tab(browser, "Task Runs")
+            states = task_run_states(browser, STAGES)
+            browser.screenshot(tmp_path / f"{ui}-task-runs.png")
+            assert {stage: states.get(stage) for stage in STAGES} == {stage: "Completed" for stage in STAGES}, states
+
+            open_tab(browser, "Artifacts")
+            cards = artifact_cards(browser, COUNTS_TABLES)
+            browser.screenshot(tmp_path / f"{ui}-artifacts.png")
+            assert {key: cards[key]["type"] for key in COUNTS_TABLES} == dict.fromkeys(COUNTS_TABLES, "TABLE")
+            for key in COUNTS_TABLES:
+                browser.navigate(ui_root + cards[key]["href"])
+                table = rendered_table(browser)
+                browser.screenshot(tmp_path / f"{ui}-{key}.png")
+                columns = list(data[key][0])
+                assert table["header"] == columns, (key, table)
+                assert len(table["rows"]) == len(data[key]), (key, table)
+                for row in data[key]:  # every row of the artifact, whatever order the UI shows them in
+                    assert any(_same_row(shown, row, columns) for shown in table["rows"]), (key, row, table)
+        except BrowserError:
+            browser.screenshot(tmp_path / f"{ui}-failed.png")
+            raise
+    print(f"screenshots of the {ui} UI under {tmp_path}")
 
 
 def test_failed_stage_reruns_alone_and_matches_undisturbed_run(server: PrefectServer, tiny: dict[str, Any],
