@@ -18,6 +18,7 @@ worker, listens on every interface (`*:port`); torch has no bind-address option 
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 from collections.abc import Iterator
@@ -60,6 +61,17 @@ def _keep_loopback_node_ip() -> Iterator[None]:
         ray_constants.ENABLE_RAY_CLUSTER = previous
 
 
+def is_loopback_address(address: str) -> bool:
+    """True for a `host:port` (or `ray://host:port`) address whose host is loopback (127.x, ::1, localhost)."""
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def start_local_ray(num_cpus: int | None = None, **overrides: Any) -> None:
     """`ray.init` a local Ray on loopback (see the module docstring); `overrides` replace init options."""
     import ray
@@ -90,7 +102,11 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None) -> I
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, runtime_env={"env_vars": offline_env()}, log_to_driver=False)
+        # A head on loopback (`ray start --head --node-ip-address 127.0.0.1`): `ray.init` would turn the
+        # 127.0.0.1 of the address into the machine's address, where that head does not listen.
+        keep = _keep_loopback_node_ip() if is_loopback_address(address) else contextlib.nullcontext()
+        with keep:
+            ray.init(address=address, runtime_env={"env_vars": offline_env()}, log_to_driver=False)
     else:
         start_local_ray(num_cpus)
     try:

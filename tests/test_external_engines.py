@@ -2,7 +2,8 @@
 `ray start --head` in its own process (token auth on, 127.0.0.1 only) and a Prefect server started with
 `prefect server start`, both before and apart from conan.
 
-- `conan run` with RAY_ADDRESS and PREFECT_API_URL set runs cleaning (Ray tasks), the mining actor pool and
+- `conan run` with RAY_ADDRESS, the head's token and PREFECT_API_URL set (nothing else: no Ray switch for
+  the loopback address, conan_core/raysession.py joins it as it is) runs cleaning (Ray tasks), the mining actor pool and
   Ray Train on that cluster (the head's state API lists them under the run's own driver job), starts no Ray
   and no Prefect server of its own (none appears in its process tree while it runs), records its flow run
   and task runs on that server, and leaves both engines running afterwards.
@@ -104,7 +105,7 @@ def ray_head() -> Iterator[dict[str, Any]]:
     psutil = pytest.importorskip("psutil")
     token = secrets.token_hex(32)
     temp_dir = Path(tempfile.mkdtemp(prefix="conan-rayhead-", dir="/tmp"))  # Ray's socket paths must stay short
-    gcs_port, dashboard_port = free_port(), free_port()
+    gcs_port, dashboard_port = free_port(), free_port()  # ephemeral range: clear of Ray's worker ports
     env = _ray_env(token)
     # A loopback node IP: `ray start` turns --node-ip-address 127.0.0.1 into the machine's address unless
     # this is off (as conan_core/raysession.py does for its local Ray). The monitor's and the dashboard's
@@ -121,8 +122,9 @@ def ray_head() -> Iterator[dict[str, Any]]:
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True)
+    # What the processes that join get: the address and the token only (as a user exports them).
     head = {"address": f"127.0.0.1:{gcs_port}", "dashboard": f"http://127.0.0.1:{dashboard_port}",
-            "token": token, "env": env, "process": process, "log": log_path}
+            "token": token, "env": _ray_env(token), "process": process, "log": log_path}
     try:
         deadline = time.monotonic() + 180
         while "Ray runtime started" not in log_path.read_text(errors="replace"):

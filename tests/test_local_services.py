@@ -127,6 +127,16 @@ def test_local_ray_listens_on_loopback_only(monkeypatch: pytest.MonkeyPatch) -> 
     assert _is_loopback(node_ip), f"node IP {node_ip}"
 
 
+def test_a_loopback_ray_address_is_told_apart() -> None:
+    """Joining a head on 127.0.0.1 keeps the loopback address (ray.init would resolve it to the machine's)."""
+    from conan_core.raysession import is_loopback_address
+
+    for address in ("127.0.0.1:6379", "localhost:6379", "ray://127.0.0.1:10001", "[::1]:6379", "127.0.1.1:1"):
+        assert is_loopback_address(address), address
+    for address in ("10.0.0.5:6379", "ray://head:10001", "auto", "192.0.2.2:6379"):
+        assert not is_loopback_address(address), address
+
+
 # ---- Prefect: a server never outlives its run ------------------------------------------------------------
 
 # A `conan run` stand-in: a local server through prefect_api, then a flow that says its id and sleeps.
