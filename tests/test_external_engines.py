@@ -377,6 +377,7 @@ def test_conan_run_uses_the_external_ray_and_prefect(ray_head: dict[str, Any], p
     (flow_run,) = [r for r in _flow_runs(prefect_server["api_url"]) if r.deployment_id is None]
     assert flow_run.state.is_completed(), flow_run.state
     assert _task_states(prefect_server["api_url"], flow_run.id) == {stage: "Completed" for stage in STAGES}
+    assert f"{prefect_server['api_url'].removesuffix('/api')}/runs/flow-run/{flow_run.id}" in output  # its link
 
     _assert_engines_still_running(ray_head, prefect_server)
 
