@@ -266,7 +266,7 @@ _ARTIFACT_CARDS = """(() => {
 _TABLE = """(() => {
   const table = [...document.querySelectorAll('table')].find(t => t.querySelectorAll('tbody tr').length);
   if (!table) return null;
-  const cells = tr => [...tr.querySelectorAll('th, td')].map(c => c.innerText.trim());
+  const cells = tr => [...tr.querySelectorAll('th, td')].map(c => (c.innerText || c.textContent).trim());
   return {header: [...table.querySelectorAll('thead tr')].map(cells)[0] || [],
           rows: [...table.querySelectorAll('tbody tr')].map(cells)};
 })()"""

@@ -233,6 +233,11 @@ def _same_row(shown: list[str], row: dict[str, Any], columns: list[str]) -> bool
                                               for cell, column in zip(shown, columns, strict=True))
 
 
+def _shows(table: dict[str, list], rows: list[dict[str, Any]], columns: list[str]) -> bool:
+    return (table["header"] == columns and len(table["rows"]) == len(rows)
+            and all(any(_same_row(shown, row, columns) for shown in table["rows"]) for row in rows))
+
+
 @pytest.mark.parametrize("ui", sorted(UI_PAGES))
 def test_the_ui_shows_the_run_in_a_real_browser(server: PrefectServer, undisturbed: dict[str, Any], ui: str,
                                                 tmp_path: Path) -> None:
@@ -263,9 +268,13 @@ def test_the_ui_shows_the_run_in_a_real_browser(server: PrefectServer, undisturb
             assert {key: cards[key]["type"] for key in COUNTS_TABLES} == dict.fromkeys(COUNTS_TABLES, "TABLE")
             for key in COUNTS_TABLES:
                 browser.navigate(ui_root + cards[key]["href"])
-                table = rendered_table(browser)
-                browser.screenshot(tmp_path / f"{ui}-{key}.png")
                 columns = list(data[key][0])
+                # Cells fill in after the table appears (the text cells a moment after the numbers): read
+                # it until it shows the artifact's rows, or for at most a minute.
+                deadline = time.monotonic() + 60
+                while not _shows(table := rendered_table(browser), data[key], columns) and time.monotonic() < deadline:
+                    time.sleep(0.5)
+                browser.screenshot(tmp_path / f"{ui}-{key}.png")
                 assert table["header"] == columns, (key, table)
                 assert len(table["rows"]) == len(data[key]), (key, table)
                 for row in data[key]:  # every row of the artifact, whatever order the UI shows them in
