@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prefect_helpers import stop_worker, sync_client, wait_for_deployment_run
 from test_flow_pipeline import STAGES, write_tiny_pipeline
 
 from conan_core.paths import PROJECT_ROOT
@@ -289,23 +290,17 @@ def _driver_pid(job: dict[str, Any]) -> int | None:
     return int(pid) if pid not in (None, "") else None
 
 
-def _client(api_url: str) -> Any:
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    with temporary_settings(updates={PREFECT_API_URL: api_url}):
-        return get_client(sync_client=True)
 
 
 def _flow_runs(api_url: str) -> list[Any]:
-    with _client(api_url) as client:
+    with sync_client(api_url) as client:
         return client.read_flow_runs()
 
 
 def _task_states(api_url: str, flow_run_id: Any) -> dict[str, str]:
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    with _client(api_url) as client:
+    with sync_client(api_url) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
     return {run.name: run.state.name for run in runs}
 
@@ -382,34 +377,7 @@ def test_conan_run_uses_the_external_ray_and_prefect(ray_head: dict[str, Any], p
     _assert_engines_still_running(ray_head, prefect_server)
 
 
-def _wait_for_deployment_run(api_url: str, deployment_name: str, timeout_s: float) -> Any:
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
-    with _client(api_url) as client:
-        deployment = client.read_deployment_by_name(deployment_name)
-        only_this = DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id]))
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            finished = [run for run in client.read_flow_runs(deployment_filter=only_this)
-                        if run.state and run.state.is_final()]
-            if finished:
-                return finished[0]
-            time.sleep(2)
-    raise AssertionError(f"no run of {deployment_name} finished within {timeout_s:.0f} s")
-
-
-def _stop_worker(worker: subprocess.Popen) -> None:
-    """A process worker needs SIGINT twice to stop; SIGKILL its group if it still lingers."""
-    for _ in range(2):
-        if worker.poll() is None:
-            os.killpg(worker.pid, signal.SIGINT)
-            try:
-                worker.wait(timeout=8)
-            except subprocess.TimeoutExpired:
-                pass
-    if worker.poll() is None:
-        os.killpg(worker.pid, signal.SIGKILL)
-        worker.wait(timeout=10)
 
 
 def test_a_deployment_run_on_a_worker_joins_the_external_ray(ray_head: dict[str, Any],
@@ -427,7 +395,7 @@ def test_a_deployment_run_on_a_worker_joins_the_external_ray(ray_head: dict[str,
         done = subprocess.run([PREFECT, *command], env=env, cwd=PROJECT_ROOT, capture_output=True, text=True,
                               timeout=180)
         assert done.returncode == 0, (command, done.stdout[-2000:], done.stderr[-2000:])
-    with _client(api_url) as client:
+    with sync_client(api_url) as client:
         deployment = client.read_deployment_by_name("conan-pipeline/conan-nightly")
     assert [schedule.schedule.cron for schedule in deployment.schedules] == ["0 2 * * *"]
 
@@ -442,9 +410,9 @@ def test_a_deployment_run_on_a_worker_joins_the_external_ray(ray_head: dict[str,
             done = subprocess.run([PREFECT, "deployment", "run", "conan-pipeline/conan-nightly", "--params", params],
                                   env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
             assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-2000:])
-            run = _wait_for_deployment_run(api_url, "conan-pipeline/conan-nightly", timeout_s=780)
+            run = wait_for_deployment_run(api_url, "conan-pipeline/conan-nightly", timeout_s=780)
     finally:
-        _stop_worker(worker)
+        stop_worker(worker)
     assert run.state.is_completed(), (run.state.message, _tail(log_path))
     assert _task_states(api_url, run.id) == {stage: "Completed" for stage in STAGES}
     assert watch.engines_started() == [], watch.engines_started()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
+from prefect_helpers import stop_worker, sync_client, wait_for_deployment_run
 
 from conan_core.paths import PROJECT_ROOT, shared_data_dir, work_dir
 from flows.server import PrefectServer, drain_prefect_clients, start_server, stop_server
@@ -119,13 +119,6 @@ def _run(server: PrefectServer, config: Path, out_dir: Path, overrides: list[str
     return run_pipeline(server.api_url, str(config), overrides=overrides, out_dir=str(out_dir))
 
 
-def _client(server: PrefectServer) -> Any:
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
-        return get_client(sync_client=True)
-
 
 def _task_states(server: PrefectServer, flow_run_id: Any) -> dict[str, str]:
     """Stage (task run name) -> final state name (Completed, Cached, Failed); each stage ran once."""
@@ -139,14 +132,14 @@ def _task_run_states(server: PrefectServer, flow_run_id: Any) -> list[tuple[str,
     """Every task run of a flow run as (name, final state name), repeats included."""
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    with _client(server) as client:
+    with sync_client(server.api_url) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
     return [(run.name, run.state.name) for run in runs]
 
 
 def _local_flow_run_ids(server: PrefectServer) -> set[Any]:
     """Ids of the flow runs started in-process (not from a deployment: those include scheduled ones)."""
-    with _client(server) as client:
+    with sync_client(server.api_url) as client:
         return {run.id for run in client.read_flow_runs() if run.deployment_id is None}
 
 
@@ -154,7 +147,7 @@ def _artifacts(server: PrefectServer, flow_run_id: Any) -> dict[str, Any]:
     """Artifact key -> its data, for the artifacts of one flow run."""
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
-    with _client(server) as client:
+    with sync_client(server.api_url) as client:
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
     return {artifact.key: artifact.data for artifact in artifacts if artifact.key}
@@ -314,34 +307,7 @@ def test_failed_stage_reruns_alone_and_matches_undisturbed_run(server: PrefectSe
     assert _main_scores(summary) == pytest.approx(_main_scores(reference), abs=1e-6)
 
 
-def _wait_for_flow_run(server: PrefectServer, deployment_name: str, timeout_s: float) -> Any:
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
-    with _client(server) as client:
-        deployment = client.read_deployment_by_name(deployment_name)
-        only_this = DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id]))
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            runs = client.read_flow_runs(deployment_filter=only_this)
-            finished = [run for run in runs if run.state and run.state.is_final()]
-            if finished:
-                return finished[0]
-            time.sleep(2)
-    raise AssertionError(f"no run of {deployment_name} finished within {timeout_s:.0f} s")
-
-
-def _stop_worker(worker: subprocess.Popen) -> None:
-    """A process worker needs SIGINT twice to stop (measured here); SIGKILL its group if it still lingers."""
-    for _ in range(2):
-        if worker.poll() is None:
-            os.killpg(worker.pid, signal.SIGINT)
-            try:
-                worker.wait(timeout=8)
-            except subprocess.TimeoutExpired:
-                pass
-    if worker.poll() is None:
-        os.killpg(worker.pid, signal.SIGKILL)
-        worker.wait(timeout=10)
 
 
 def test_deployment_has_cron_and_a_triggered_run_completes(server: PrefectServer, tiny: dict[str, Any],
@@ -353,7 +319,7 @@ def test_deployment_has_cron_and_a_triggered_run_completes(server: PrefectServer
                    cwd=PROJECT_ROOT, capture_output=True, timeout=60)
     subprocess.run([PREFECT, "--no-prompt", "deploy", "--all", "--prefect-file", str(prefect_yaml)], env=env,
                    check=True, cwd=PROJECT_ROOT, capture_output=True, timeout=120)
-    with _client(server) as client:
+    with sync_client(server.api_url) as client:
         deployment = client.read_deployment_by_name("conan-pipeline/conan-nightly")
     crons = [schedule.schedule.cron for schedule in deployment.schedules]
     assert crons == [yaml.safe_load(prefect_yaml.read_text())["deployments"][0]["schedules"][0]["cron"]]
@@ -365,9 +331,9 @@ def test_deployment_has_cron_and_a_triggered_run_completes(server: PrefectServer
         params = json.dumps({"config": str(tiny["config"]), "out_dir": str(tiny["root"] / "run-a")})
         subprocess.run([PREFECT, "deployment", "run", "conan-pipeline/conan-nightly", "--params", params],
                        env=env, check=True, cwd=PROJECT_ROOT, capture_output=True, timeout=60)
-        run = _wait_for_flow_run(server, "conan-pipeline/conan-nightly", timeout_s=240)
+        run = wait_for_deployment_run(server.api_url, "conan-pipeline/conan-nightly", timeout_s=240)
     finally:
-        _stop_worker(worker)
+        stop_worker(worker)
         log.close()
     assert run.state.is_completed(), (run.state.message, (work_dir() / "worker.log").read_text()[-3000:])
     # Same config and out dir as the undisturbed run, in another process: every stage comes from the cache.
