@@ -229,17 +229,9 @@ def steps_for_budget(budget_s: float, seconds_per_step: float) -> int:
     return max(1, int(budget_s / seconds_per_step)) if seconds_per_step > 0 else 1
 
 
-def train_mnrl(model_dir: Path, anchors: list[str], positives: list[str], *, steps: int, max_length: int,
-               out: Path, stop_after_s: float | None, save: bool = True) -> dict[str, Any]:
-    """sentence-transformers' own trainer and loss, as its users run it. Returns the time in its steps
-    (per step: callback on_step_begin -> on_step_end) and the steps done."""
-    from datasets import Dataset
-    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
-    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
-    from sentence_transformers.sentence_transformer.training_args import (
-        BatchSamplers,
-        SentenceTransformerTrainingArguments,
-    )
+def step_clock(stop_after_s: float | None = None) -> Any:
+    """A SentenceTransformerTrainer callback timing each step (on_step_begin -> on_step_end) in `.times`;
+    it stops training once the steps took `stop_after_s` seconds in all."""
     from transformers import TrainerCallback
 
     class StepClock(TrainerCallback):
@@ -255,6 +247,21 @@ def train_mnrl(model_dir: Path, anchors: list[str], positives: list[str], *, ste
             if stop_after_s is not None and sum(self.times) > stop_after_s:
                 control.should_training_stop = True
 
+    return StepClock()
+
+
+def train_mnrl(model_dir: Path, anchors: list[str], positives: list[str], *, steps: int, max_length: int,
+               out: Path, stop_after_s: float | None, save: bool = True) -> dict[str, Any]:
+    """sentence-transformers' own trainer and loss, as its users run it. Returns the time in its steps
+    (per step: callback on_step_begin -> on_step_end) and the steps done."""
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    from sentence_transformers.sentence_transformer.training_args import (
+        BatchSamplers,
+        SentenceTransformerTrainingArguments,
+    )
+
     model = SentenceTransformer(str(model_dir), device="cpu")
     model.max_seq_length = max_length
     args = SentenceTransformerTrainingArguments(
@@ -262,7 +269,7 @@ def train_mnrl(model_dir: Path, anchors: list[str], positives: list[str], *, ste
         learning_rate=MNRL_LR, warmup_steps=MNRL_WARMUP, lr_scheduler_type="linear",
         batch_sampler=BatchSamplers.NO_DUPLICATES, report_to="none", save_strategy="no", use_cpu=True,
         dataloader_drop_last=True, seed=0, logging_steps=50)
-    clock = StepClock()
+    clock = step_clock(stop_after_s)
     SentenceTransformerTrainer(model=model, args=args, loss=MultipleNegativesRankingLoss(model), callbacks=[clock],
                                train_dataset=Dataset.from_dict({"anchor": anchors, "positive": positives})).train()
     if save:

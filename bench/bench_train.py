@@ -36,7 +36,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benches
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_quality import prepare, training_pairs  # noqa: E402
+from bench_quality import prepare, step_clock, training_pairs  # noqa: E402
 from bench_train_step import matmul_flops, step_flops  # noqa: E402
 
 from conan_core.config import load_config  # noqa: E402
@@ -62,9 +62,7 @@ def run_conan(stage: str, data: list[Path], model: Path, out: Path, steps: int, 
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wall = time.perf_counter() - started
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {"step_times": [r["step_seconds"] for r in rows], "pairs": [r["pairs_per_s"] * r["step_seconds"]
-                                                                      for r in rows],
-            "tokens": [r["tokens_per_s"] * r["step_seconds"] for r in rows],
+    return {"step_times": [r["step_seconds"] for r in rows],
             "rss_mb": max(r.get("rss_peak_mb", 0.0) for r in rows), "wall_s": wall}
 
 
@@ -88,18 +86,6 @@ def st_child(kind: str, pairs_file: Path, model_dir: Path, steps: int, batch: in
         BatchSamplers,
         SentenceTransformerTrainingArguments,
     )
-    from transformers import TrainerCallback
-
-    class StepClock(TrainerCallback):
-        def __init__(self) -> None:
-            self.times: list[float] = []
-            self._start = 0.0
-
-        def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003, ANN201
-            self._start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003, ANN201
-            self.times.append(time.perf_counter() - self._start)
 
     columns = json.loads(pairs_file.read_text())
     model = SentenceTransformer(str(model_dir), device="cpu")
@@ -111,7 +97,7 @@ def st_child(kind: str, pairs_file: Path, model_dir: Path, steps: int, batch: in
             output_dir=tmp, per_device_train_batch_size=batch, max_steps=steps, learning_rate=5e-5,
             warmup_steps=0.1, batch_sampler=BatchSamplers.NO_DUPLICATES, report_to="none", save_strategy="no",
             use_cpu=True, dataloader_drop_last=True, seed=0, logging_steps=1000)
-        clock = StepClock()
+        clock = step_clock()
         SentenceTransformerTrainer(model=model, args=args, loss=loss, callbacks=[clock],
                                    train_dataset=Dataset.from_dict(columns)).train()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -204,6 +190,14 @@ def pretrain_rows(paths: dict[str, Path], work: Path, args: argparse.Namespace, 
                   f"(Ray start-up, data loading and the model save included)")
 
 
+def cbb_texts_per_step(finetune: Any) -> int:
+    """Texts one CBB step encodes: the group's queries and positives, every group rank's hard negatives per
+    query, and both sides of every STS rank's pairs."""
+    layout = finetune.layout
+    negatives = layout.retrieval_group * finetune.negatives_per_rank
+    return finetune.retrieval_batch * (2 + negatives) + 2 * finetune.sts_batch * layout.sts_workers
+
+
 def finetune_rows(paths: dict[str, Path], work: Path, args: argparse.Namespace, peak: float) -> None:
     triplets = finetune_triplets(paths["finetune"])
     triplets_file = work / "triplets.json"
@@ -213,13 +207,13 @@ def finetune_rows(paths: dict[str, Path], work: Path, args: argparse.Namespace, 
     st = run_st_child("mnrl", triplets_file, paths["init"], args.steps, BATCH)
     conan = run_conan("finetune", [paths["finetune"]], paths["init"], work / "f1", args.steps, 1, None)
     st_texts = rate(st, 4 * BATCH, args.warmup)  # anchor + positive + 2 negatives
-    # CBB step: 32 queries, 32 positives, 2 x 32 hard negatives, 32 STS pairs (2 texts each)
-    conan_texts = rate(conan, 6 * BATCH, args.warmup)
+    conan_per_step = cbb_texts_per_step(load_config(str(CONFIG)).finetune)
+    conan_texts = rate(conan, conan_per_step, args.warmup)
     print(f"\n## Finetuning: texts/s ({tokens:.1f} real tokens per text, dataset mean of the triplets)\n")
     print("| side | throughput | vs ST MNRL | MFU | peak RSS |\n|---|---:|---:|---:|---:|")
     print(line("ST MNRL triplets (32 x 4 texts)", st_texts, st_texts, "texts", st_texts * text_flops / peak,
                st["rss_mb"]))
-    print(line("conan train finetune, CBB, 1 worker (32 x 6 texts)", conan_texts, st_texts, "texts",
+    print(line(f"conan train finetune, CBB, 1 worker ({conan_per_step} texts)", conan_texts, st_texts, "texts",
                conan_texts * text_flops / peak, conan["rss_mb"]))
 
 
