@@ -46,10 +46,6 @@ class Encoder:
         if self.grad_cache_chunk is not None:
             self._cache = GradCache(self.features, self.forward, self.grad_cache_chunk, self.device)
 
-    @property
-    def grad_cached(self) -> bool:
-        return self._cache is not None
-
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:
         """The texts' embeddings [n, d]: with a graph to the model, or GradCache's leaf (see the class)."""
         if self._cache is not None:
