@@ -1,19 +1,28 @@
-"""The generic Ray map of the data stages (clean, extract): fn(unit, *args) over a list of units.
+"""The generic map of the data stages (clean, extract): fn(unit, *args) over a list of units.
 
 `iter_units` yields the results in unit order as soon as each one and those before it are done, so
-the caller's ordered pass over unit i runs while the workers compute the next ones. A few more tasks
-than workers are in flight, so no worker waits for the driver; the shared arguments are put in the
-object store once (`workers=0`: everything runs in this process, no Ray). A progress bar counts
-finished units.
+the caller's ordered pass over unit i runs while the workers compute the next ones. Where the units run:
 
-`fanout_workers` is the rule for when a fan-out pays at all (see FANOUT_MIN_BYTES).
+- `workers=0`: in this process.
+- a Ray is running in this process (the pipeline flow's, a test's) or RAY_ADDRESS names a cluster: Ray
+  tasks, at most `workers` running and as many queued, the shared arguments put in the object store once.
+- otherwise: `workers` local processes (multiprocessing). Starting a local Ray only to fan out over this
+  machine's cores would cost more than the work at the sizes users clean: ray.init, its dashboard, agent and
+  two worker processes burn ~7 CPU-seconds here (2 cores), as much as cleaning 100k rows in one process.
+  On Linux the processes are forked, so they inherit the imported stage: two start in ~0.05 s.
+
+`fanout_workers` is the rule for when a fan-out pays at all (FANOUT_MIN_BYTES). A progress bar counts
+finished units.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from collections import deque
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,11 +31,10 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 # Input size from which fanning out beats one process, measured with bench/bench_clean.py on the 2-core
-# dev machine (2026-12-03; see the figures there). Without a running Ray the fan-out must first earn
-# back starting one (ray.init, two worker processes importing the stage, ray.shutdown: ~6 s there);
-# with the flow's Ray running, only the workers' first import and the shipping of results.
-FANOUT_MIN_BYTES = {"start_ray": 64 << 20, "running_ray": 4 << 20}
-IN_FLIGHT_PER_WORKER = 2  # queued tasks per worker: one running, one ready to start when it finishes
+# dev machine (2026-12-03): local processes start in ~0.05 s and pay for themselves within a second of
+# work; on a running Ray the workers' first import of the stage and the object store cost more.
+FANOUT_MIN_BYTES = {"processes": 2 << 20, "ray": 8 << 20}
+IN_FLIGHT_PER_WORKER = 2  # queued units per worker: one running, one ready to start when it finishes
 
 
 def input_bytes(paths: list[Path]) -> int:
@@ -44,18 +52,22 @@ def ray_is_running() -> bool:
     return ray is not None and ray.is_initialized()
 
 
+def uses_ray() -> bool:
+    """Whether a fan-out from this process runs on Ray (see the module docstring) rather than processes."""
+    return ray_is_running() or bool(os.environ.get("RAY_ADDRESS"))
+
+
 def fanout_workers(workers: int, work_bytes: int, *, min_bytes: int | None = None, desc: str = "map") -> int:
     """`workers`, or 0 (this process) when the input is too small for a fan-out to pay.
 
-    `min_bytes` None: FANOUT_MIN_BYTES for whether a Ray is running (a flow's, a test's) or would have to
-    be started (or joined through RAY_ADDRESS); 0: fan out whatever the size."""
+    `min_bytes` None: FANOUT_MIN_BYTES of the backend a fan-out would use; 0: fan out whatever the size."""
     if workers == 0:
         return 0
     if min_bytes is None:
-        min_bytes = FANOUT_MIN_BYTES["running_ray" if ray_is_running() else "start_ray"]
+        min_bytes = FANOUT_MIN_BYTES["ray" if uses_ray() else "processes"]
     if work_bytes >= min_bytes:
         return workers
-    log.info("%s: %.1f MB of input, under the %.0f MB from which %d Ray workers pay; running in this process",
+    log.info("%s: %.1f MB of input, under the %.1f MB from which %d workers pay; running in this process",
              desc, work_bytes / 1e6, min_bytes / 1e6, workers)
     return 0
 
@@ -68,22 +80,17 @@ def _progress_bar(total: int, enabled: bool, desc: str) -> Any:
 
 def iter_units(fn: Callable[..., T], units: list[Any], args: tuple, *, workers: int,
                progress: bool, desc: str) -> Iterator[T]:
-    """fn(unit, *args) for every unit, yielded in unit order; `workers` Ray workers (0: this process)."""
-    bar = _progress_bar(len(units), progress, desc)
-    try:
-        if workers == 0:
-            for unit in units:
-                yield fn(unit, *args)
-                bar.update()
-            return
-        import ray
-
-        from conan_core.raysession import ray_session
-
-        with ray_session(num_cpus=workers):
-            yield from _iter_on_ray(ray, fn, units, args, workers, bar)
-    finally:
-        bar.close()
+    """fn(unit, *args) for every unit, yielded in unit order; `workers` workers (0: this process)."""
+    if workers == 0:
+        runner = _in_process(fn, units, args)
+    elif uses_ray():
+        runner = _on_ray(fn, units, args, workers)
+    else:
+        runner = _on_processes(fn, units, args, workers)
+    with closing(_progress_bar(len(units), progress, desc)) as bar:
+        for result in runner:
+            bar.update()
+            yield result
 
 
 def map_units(fn: Callable[..., T], units: list[Any], args: tuple, *, workers: int,
@@ -92,11 +99,65 @@ def map_units(fn: Callable[..., T], units: list[Any], args: tuple, *, workers: i
     return list(iter_units(fn, units, args, workers=workers, progress=progress, desc=desc))
 
 
-def _iter_on_ray(ray: Any, fn: Callable[..., T], units: list[Any], args: tuple, workers: int,
-                 bar: Any) -> Iterator[T]:
+def _in_process(fn: Callable[..., T], units: list[Any], args: tuple) -> Iterator[T]:
+    for unit in units:
+        yield fn(unit, *args)
+
+
+# ---------------------------------------------------------------- local processes
+
+_task: tuple[Callable[..., Any], tuple] | None = None  # a worker process's fn and shared args
+
+
+def _init_worker(fn: Callable[..., Any], args: tuple) -> None:
+    global _task
+    _task = (fn, args)
+
+
+def _run_unit(unit: Any) -> Any:
+    assert _task is not None
+    fn, args = _task
+    return fn(unit, *args)
+
+
+def _on_processes(fn: Callable[..., T], units: list[Any], args: tuple, workers: int) -> Iterator[T]:
+    import multiprocessing
+
+    # Linux: fork (its default before Python 3.14), so the workers inherit the imported stage and `args`
+    # instead of importing and unpickling them, and no main module is re-run (spawn and forkserver re-run
+    # an unguarded calling script in every child). The children run only `fn`: pure Python plus numpy and
+    # Arrow (fork-safe), no lock another parent thread could hold. Elsewhere: the platform's default.
+    context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else None)
+    pool = context.Pool(workers, initializer=_init_worker, initargs=(fn, args))
+    return _ordered_results(pool, units, workers)
+
+
+def _ordered_results(pool: Any, units: list[Any], workers: int) -> Iterator[Any]:
+    with pool:  # terminates the workers on the way out, also when the caller stops early
+        pending: deque[Any] = deque()
+        for unit in units:
+            if len(pending) >= workers * IN_FLIGHT_PER_WORKER:
+                yield pending.popleft().get()
+            pending.append(pool.apply_async(_run_unit, (unit,)))
+        while pending:
+            yield pending.popleft().get()
+
+
+# ---------------------------------------------------------------- Ray
+
+def _on_ray(fn: Callable[..., T], units: list[Any], args: tuple, workers: int) -> Iterator[T]:
+    import ray
+
+    from conan_core.raysession import ray_session
+
+    with ray_session(num_cpus=workers):
+        yield from _iter_on_ray(ray, fn, units, args, workers)
+
+
+def _iter_on_ray(ray: Any, fn: Callable[..., T], units: list[Any], args: tuple, workers: int) -> Iterator[T]:
     remote = ray.remote(num_cpus=1)(fn)
     arg_refs = [ray.put(arg) for arg in args]  # shared once, not copied per task
-    window = max(1, workers) * IN_FLIGHT_PER_WORKER  # tasks in flight plus results waiting for their turn
+    window = workers * IN_FLIGHT_PER_WORKER  # tasks in flight plus results waiting for their turn
     pending: dict[Any, int] = {}
     finished: dict[int, Any] = {}  # unit index -> ref of its finished result, until its turn comes
     next_submit = next_yield = 0
@@ -111,5 +172,3 @@ def _iter_on_ray(ray: Any, fn: Callable[..., T], units: list[Any], args: tuple, 
         done, _ = ray.wait(list(pending), num_returns=1)
         for ref in done:
             finished[pending.pop(ref)] = ref
-            bar.update()
-

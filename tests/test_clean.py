@@ -238,12 +238,42 @@ def _dataset_files(folder: Path) -> dict[str, bytes]:
 def test_small_inputs_run_in_process_unless_told(monkeypatch: pytest.MonkeyPatch) -> None:
     from conan_core import raymap
 
-    monkeypatch.setattr(raymap, "ray_is_running", lambda: False)
-    assert raymap.fanout_workers(2, 1 << 20) == 0
-    assert raymap.fanout_workers(2, raymap.FANOUT_MIN_BYTES["start_ray"]) == 2
-    assert raymap.fanout_workers(2, 1 << 20, min_bytes=0) == 2 and raymap.fanout_workers(0, 1 << 40) == 0
-    monkeypatch.setattr(raymap, "ray_is_running", lambda: True)
-    assert raymap.fanout_workers(2, raymap.FANOUT_MIN_BYTES["running_ray"]) == 2
+    for backend, on_ray in (("processes", False), ("ray", True)):
+        monkeypatch.setattr(raymap, "uses_ray", lambda on_ray=on_ray: on_ray)
+        threshold = raymap.FANOUT_MIN_BYTES[backend]
+        assert raymap.fanout_workers(2, threshold - 1) == 0 and raymap.fanout_workers(2, threshold) == 2
+    assert raymap.fanout_workers(2, 1, min_bytes=0) == 2 and raymap.fanout_workers(0, 1 << 40) == 0
+
+
+def test_worker_processes_give_the_same_dataset_as_in_process(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from conan_core import raymap
+
+    monkeypatch.setattr(raymap, "uses_ray", lambda: False)  # local processes even if a test left Ray running
+    source = _fuzz_file(tmp_path / "fuzz.jsonl")
+    config = CONFIG.model_copy(update={"lines_per_unit": 4})  # several units, so order across workers matters
+    local = run_clean([source, source], tmp_path / "local", config, workers=0, progress=False)
+    for workers in (1, 2):
+        fanned = run_clean([source, source], tmp_path / f"p{workers}", config, workers=workers, progress=False,
+                           min_fanout_bytes=0)
+        assert local["counts"] == fanned["counts"]
+        assert _dataset_files(tmp_path / f"p{workers}") == _dataset_files(tmp_path / "local")
+
+
+def test_a_failing_unit_fails_the_stage_with_its_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from conan_core import raymap
+    from conan_core.clean import stage
+
+    monkeypatch.setattr(raymap, "uses_ray", lambda: False)
+    source = _fuzz_file(tmp_path / "fuzz.jsonl")
+
+    def broken(unit, config, eval_keys):  # forked workers inherit the patched module
+        raise ConanError(f"cannot read {unit.path}")
+
+    monkeypatch.setattr(stage, "process_unit", broken)
+    with pytest.raises(ConanError, match="cannot read"):
+        run_clean([source], tmp_path / "out", CONFIG, workers=2, progress=False, min_fanout_bytes=0)
+    assert not (tmp_path / "out" / "manifest.json").exists()
 
 
 @pytest.fixture(scope="module")

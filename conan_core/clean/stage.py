@@ -1,8 +1,9 @@
 """The clean stage: read -> normalise -> rule filters -> exact + MinHash dedup -> teacher filter -> dataset.
 
 Reading, normalising, the rule filters, the exact keys and the MinHash signatures and band hashes run per
-input unit (a file or a line range of one), in parallel over Ray workers (`conan_core.raymap`;
-`workers=0`, or an input too small for the fan-out to pay: in this process), with decontamination
+input unit (a file or a line range of one), in parallel over workers (`conan_core.raymap`: Ray tasks on a
+running Ray or RAY_ADDRESS, else local processes; `workers=0`, or an input too small for a fan-out to pay:
+in this process), with decontamination
 against the eval splits (`conan_core.clean.decontaminate`). A worker ships back Arrow tables and numpy
 arrays (`UnitResult`), not a Python object per row. Dedup then runs in the driver in input order, unit
 by unit as the results arrive (while the workers read the next units), so the first occurrence is kept
@@ -254,8 +255,9 @@ def run_clean(inputs: list[Path], output: Path, config: CleanConfig, *, teacher:
               workers: int = 2, progress: bool = True, min_fanout_bytes: int | None = None) -> dict:
     """Clean `inputs` (files, BEIR dirs or `group:<name>`) into a dataset at `output`; return the manifest.
 
-    `workers` Ray workers (0: in this process); an input under `min_fanout_bytes` runs in this process
-    anyway (default: `raymap.fanout_workers`'s measured crossover; 0: always fan out)."""
+    `workers` workers (Ray tasks or local processes, see `conan_core.raymap`; 0: in this process); an input
+    under `min_fanout_bytes` runs in this process anyway (None: the measured crossover,
+    `raymap.FANOUT_MIN_BYTES`; 0: fan out whatever the size)."""
     entries = resolve_inputs(inputs)
     units = [unit for path, spec in entries for unit in plan_units(path, spec, lines_per_unit=config.lines_per_unit)]
     embedder = load_teacher(teacher) if teacher is not None else None
