@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -162,7 +163,7 @@ def run_extract(inputs: list[Path], output: Path, config: ExtractConfig, *, work
              for unit in plan_units(path, spec, lines_per_unit=config.clean.lines_per_unit)]
     workers = fanout_workers(workers, input_bytes([path for path, _ in entries]), min_bytes=min_fanout_bytes,
                              desc="extract")
-    outputs = iter_units(process_instruct_unit, units, (config,), workers=workers, progress=progress,
-                         desc="extract")
     config_dump = {"stage": "extract", "extract": config.model_dump()}
-    return finish_stage(outputs, Path(output), config_dump, config.clean, [path for path, _ in entries], None)
+    with closing(iter_units(process_instruct_unit, units, (config,), workers=workers, progress=progress,
+                            desc="extract")) as outputs:
+        return finish_stage(outputs, Path(output), config_dump, config.clean, [path for path, _ in entries], None)

@@ -172,6 +172,10 @@ class NearDuplicateIndex:
     A kept signature is listed under each of its band hashes; a candidate is a kept signature that
     shares one whole band with the new one, and it is a near-duplicate when the signatures agree in at
     least `minhash_threshold` of their positions (the estimated Jaccard).
+
+    The buckets hold plain ints (the first kept id of a band hash), with the rare further ids in a
+    separate dict of lists: a dict of ints is left alone by Python's garbage collector, while one holding
+    lists would be walked entry by entry in every full collection, which made a 1M-row clean quadratic.
     """
 
     def __init__(self, config: CleanConfig) -> None:
@@ -179,32 +183,27 @@ class NearDuplicateIndex:
         self._threshold = config.minhash_threshold
         self._num_perm = config.minhash_num_perm
         self.store = _SignatureStore(config.minhash_num_perm)
-        # band hash -> the kept id, or a list of them once a second one shares it (most hold one id)
-        self._buckets: list[dict[int, int | list[int]]] = [{} for _ in range(self._bands)]
+        self._first: list[dict[int, int]] = [{} for _ in range(self._bands)]  # band hash -> first kept id
+        self._more: list[dict[int, list[int]]] = [{} for _ in range(self._bands)]  # band hash -> later ids
 
     def add_signatures(self, sigs: np.ndarray) -> int:
         """Make `sigs` known under consecutive ids (not yet kept); return the first id."""
         return self.store.extend(sigs)
 
-    def is_new(self, index: int, bands: list[int]) -> bool:
+    def is_new(self, index: int, bands: tuple[int, ...] | list[int]) -> bool:
         """False if signature `index` is a near-duplicate of a kept one; else keep it and answer True."""
         for band, key in enumerate(bands):
-            found = self._buckets[band].get(key)
-            if found is not None and self._any_match(index, band, found):
+            if key in self._first[band] and self._any_match(index, band, key):
                 return False
         for band, key in enumerate(bands):
-            found = self._buckets[band].setdefault(key, index)
-            if found != index:
-                if isinstance(found, list):
-                    found.append(index)
-                else:
-                    self._buckets[band][key] = [found, index]
+            if self._first[band].setdefault(key, index) != index:
+                self._more[band].setdefault(key, []).append(index)
         return True
 
-    def _any_match(self, index: int, band: int, found: int | list[int]) -> bool:
+    def _any_match(self, index: int, band: int, key: int) -> bool:
         sig = self.store[index]
         lo, hi = band * self._rows, (band + 1) * self._rows
-        for kept in found if isinstance(found, list) else (found,):
+        for kept in (self._first[band][key], *self._more[band].get(key, ())):
             other = self.store[kept]
             # the band itself must be equal (a hash collision is no candidate), then the Jaccard estimate
             if np.array_equal(other[lo:hi], sig[lo:hi]) and \

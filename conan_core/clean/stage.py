@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Iterable
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,7 +169,8 @@ class OrderedDedup:
     def __init__(self, config: CleanConfig) -> None:
         self.config = config
         self.counts = Counts()
-        self.seen: set[bytes] = set()
+        # exact keys seen; a dict, not a set: the garbage collector skips a dict of bytes, a set it walks
+        self.seen: dict[bytes, None] = {}
         self.near = NearDuplicateIndex(config) if config.near_dedup else None
         self.kept: list[pa.Table] = []
         self.rule_quarantine: list[pa.Table] = []
@@ -197,7 +199,7 @@ class OrderedDedup:
         near, near_slot, bands, first = self.near, {}, [], 0
         if near is not None and len(keys.near_rows):
             near_slot = dict(zip(keys.near_rows.tolist(), range(len(keys.near_rows)), strict=True))
-            bands = keys.bands.tolist()
+            bands = list(zip(*keys.bands.T.tolist(), strict=True))  # tuples of ints: untracked by the GC
             first = near.add_signatures(keys.signatures)
         check_exact, seen = self.config.exact_dedup, self.seen
         for row, key in enumerate(exact):
@@ -208,7 +210,7 @@ class OrderedDedup:
             if slot is not None and not near.is_new(first + slot, bands[slot]):  # type: ignore[union-attr]
                 reasons[row] = NEAR_DUPLICATE
                 continue
-            seen.add(key)
+            seen[key] = None
         return reasons
 
     def kept_table(self) -> pa.Table:
@@ -264,7 +266,9 @@ def run_clean(inputs: list[Path], output: Path, config: CleanConfig, *, teacher:
     eval_keys = load_eval_keys() if config.decontaminate else None
     workers = fanout_workers(workers, input_bytes([path for path, _ in entries]), min_bytes=min_fanout_bytes,
                              desc="clean")
-    outputs = iter_units(process_unit, units, (config, eval_keys), workers=workers, progress=progress, desc="clean")
     config_dump = {"stage": "clean", "clean": config.model_dump(),
                    "teacher": None if teacher is None else str(getattr(embedder, "config", teacher))}
-    return finish_stage(outputs, Path(output), config_dump, config, [path for path, _ in entries], embedder)
+    # closing: a failure in the driver's pass stops the workers (and a Ray this call started) right away
+    with closing(iter_units(process_unit, units, (config, eval_keys), workers=workers, progress=progress,
+                            desc="clean")) as outputs:
+        return finish_stage(outputs, Path(output), config_dump, config, [path for path, _ in entries], embedder)
