@@ -139,11 +139,14 @@ def bench_size(rows: int, labels: tuple[str, ...], config: CleanConfig) -> dict[
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", default="100000", help="comma-separated sizes; the first runs every configuration")
+    parser.add_argument("--every-size", action="store_true",
+                        help="every configuration at every size (where the automatic choice should switch)")
     args = parser.parse_args()
     sizes = [int(size) for size in args.rows.split(",")]
-    config = CleanConfig(decontaminate=False, lines_per_unit=5_000)
+    config = CleanConfig(decontaminate=False)  # the default unit size
     print(f"cleaning bench: {os.cpu_count()} CPUs, units of {config.lines_per_unit} lines", flush=True)
-    growth = {rows: bench_size(rows, tuple(CONFIGS) if i == 0 else GROWTH, config) for i, rows in enumerate(sizes)}
+    growth = {rows: bench_size(rows, tuple(CONFIGS) if i == 0 or args.every_size else GROWTH, config)
+              for i, rows in enumerate(sizes)}
     if len(sizes) > 1:
         print("growth (rows/s per size; linear in rows = flat rows/s):")
         for label in GROWTH:

@@ -180,8 +180,9 @@ class NearDuplicateIndex:
 
     def __init__(self, config: CleanConfig) -> None:
         self._bands, self._rows = lsh_bands(config.minhash_threshold, config.minhash_num_perm)
-        self._threshold = config.minhash_threshold
-        self._num_perm = config.minhash_num_perm
+        # fewest equal positions whose share reaches the threshold, by the same float comparison as before
+        self._agree = next(c for c in range(config.minhash_num_perm + 1)
+                           if c / config.minhash_num_perm >= config.minhash_threshold)
         self.store = _SignatureStore(config.minhash_num_perm)
         self._first: list[dict[int, int]] = [{} for _ in range(self._bands)]  # band hash -> first kept id
         self._more: list[dict[int, list[int]]] = [{} for _ in range(self._bands)]  # band hash -> later ids
@@ -204,9 +205,8 @@ class NearDuplicateIndex:
         sig = self.store[index]
         lo, hi = band * self._rows, (band + 1) * self._rows
         for kept in (self._first[band][key], *self._more[band].get(key, ())):
-            other = self.store[kept]
-            # the band itself must be equal (a hash collision is no candidate), then the Jaccard estimate
-            if np.array_equal(other[lo:hi], sig[lo:hi]) and \
-                    np.count_nonzero(other == sig) / self._num_perm >= self._threshold:
+            equal = self.store[kept] == sig
+            # the Jaccard estimate, and the band itself must be equal (a hash collision is no candidate)
+            if np.count_nonzero(equal) >= self._agree and equal[lo:hi].all():
                 return True
         return False

@@ -140,7 +140,7 @@ def split_lines(data: bytes) -> list[bytes]:
     return [line[:-1] if line.endswith(b"\r") else line for line in lines]
 
 
-def plan_units(path: Path, spec: ReadSpec, *, lines_per_unit: int = 20_000) -> list[ReadUnit]:
+def plan_units(path: Path, spec: ReadSpec, *, lines_per_unit: int = 5_000) -> list[ReadUnit]:
     """Split a line file into line-range units; whole-file formats are one unit."""
     if not Path(path).exists():
         raise ReaderError(f"{path}: no such file or directory")
