@@ -15,9 +15,17 @@ from datasketch.lsh import _optimal_param
 from conan_core.clean import dedup
 from conan_core.clean.config import CleanConfig
 from conan_core.clean.decontaminate import eval_match_keys, overlap_key
-from conan_core.clean.dedup import NearDuplicateIndex, band_hashes, char_ngrams, lsh_bands, signatures
+from conan_core.clean.dedup import (
+    NearDuplicateIndex,
+    band_hashes,
+    char_ngrams,
+    dedup_text,
+    exact_key,
+    lsh_bands,
+    signatures,
+)
 from conan_core.clean.normalise import approx_token_count, detect_lang, normalise_text
-from conan_core.clean.stage import UnitOutput, filter_records, run_clean
+from conan_core.clean.stage import OrderedDedup, UnitOutput, filter_records, pack_unit, run_clean
 from conan_core.errors import ConanError
 from conan_core.io.dataset import read_dataset, read_quarantine
 from conan_core.schema import make_record
@@ -148,6 +156,49 @@ def test_band_hash_collisions_are_no_candidates(monkeypatch: pytest.MonkeyPatch)
     bands = dedup.band_hashes(sigs, *lsh_bands(config.minhash_threshold, config.minhash_num_perm)).tolist()
     decisions = [index.is_new(first + row, row_bands) for row, row_bands in enumerate(bands)]
     assert decisions == _datasketch_decisions(texts, config)
+
+
+def _reference_reasons(records: list[dict], config: CleanConfig) -> list[str | None]:
+    """The ordered dedup as it was written before (exact key set, then datasketch near-dedup)."""
+    seen: set[bytes] = set()
+    lsh = MinHashLSH(threshold=config.minhash_threshold, num_perm=config.minhash_num_perm)
+    kept: list[np.ndarray] = []
+    reasons: list[str | None] = []
+    for record in records:
+        key = exact_key(record)
+        if key in seen:
+            reasons.append("duplicate")
+            continue
+        if record["kind"] in config.near_dedup_kinds:
+            minhash = MinHash(num_perm=config.minhash_num_perm, seed=config.minhash_seed, hashfunc=zlib.crc32)
+            minhash.update_batch([g.encode("utf-8") for g in char_ngrams(dedup_text(record), config.minhash_ngram)])
+            if any(float(np.mean(kept[int(k)] == minhash.hashvalues)) >= config.minhash_threshold
+                   for k in lsh.query(minhash)):
+                reasons.append("near_duplicate")
+                continue
+            lsh.insert(str(len(kept)), minhash, check_duplication=False)
+            kept.append(minhash.hashvalues)
+        seen.add(key)
+        reasons.append(None)
+    return reasons
+
+
+def test_ordered_dedup_over_units_decides_as_one_pass_in_order() -> None:
+    """Bulk-kept fresh rows and the row-by-row rest give the decisions of one plain pass, across units."""
+    config = CleanConfig(minhash_threshold=0.8)
+    rng = random.Random(5)
+    texts = _perturbed_texts(900)
+    records = [make_record(kind=rng.choice(["pair", "pair", "sts"]), query=text or "空", positive=rng.choice("ab"),
+                           score=1.0, source="s", lang="zh") for text in texts]
+    records += [rng.choice(records) for _ in range(200)]  # exact duplicates, within and across units
+    rng.shuffle(records)
+    dedup = OrderedDedup(config)
+    reasons = []
+    for start in range(0, len(records), 250):
+        unit = pack_unit(UnitOutput(records=records[start:start + 250]), config)
+        reasons += dedup._reasons(unit.keys)
+    assert reasons == _reference_reasons(records, config)
+    assert {"duplicate", "near_duplicate", None} == set(reasons)
 
 
 def test_lsh_bands_are_datasketchs_choice() -> None:

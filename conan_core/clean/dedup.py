@@ -121,6 +121,12 @@ def band_hashes(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
     return _fmix((banded * weights).sum(axis=2, dtype=np.uint64), _FMIX64)  # uint64 arithmetic wraps
 
 
+def unique_mask(values: np.ndarray) -> np.ndarray:
+    """True where a value occurs once in `values`."""
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    return counts[inverse.reshape(-1)] == 1
+
+
 @dataclass
 class RowKeys:
     """What the ordered dedup pass needs of a unit's rows, computed in the worker.
@@ -190,6 +196,22 @@ class NearDuplicateIndex:
     def add_signatures(self, sigs: np.ndarray) -> int:
         """Make `sigs` known under consecutive ids (not yet kept); return the first id."""
         return self.store.extend(sigs)
+
+    def fresh(self, bands: np.ndarray) -> np.ndarray:
+        """Which rows of `bands` [k, bands] have every band hash new to the index and unique among them."""
+        fresh = np.ones(len(bands), dtype=bool)
+        for band in range(self._bands):
+            column = bands[:, band]
+            fresh &= unique_mask(column)
+            known = self._first[band].keys() & column.tolist()
+            if known:
+                fresh &= ~np.isin(column, np.fromiter(known, dtype=np.uint64, count=len(known)))
+        return fresh
+
+    def add_fresh(self, ids: np.ndarray, bands: np.ndarray) -> None:
+        """Keep signatures `ids` whose band hashes `fresh` found new and unique (no look-up needed)."""
+        for band in range(self._bands):
+            self._first[band].update(zip(bands[:, band].tolist(), ids.tolist(), strict=True))
 
     def is_new(self, index: int, bands: tuple[int, ...] | list[int]) -> bool:
         """False if signature `index` is a near-duplicate of a kept one; else keep it and answer True."""

@@ -21,12 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from conan_core.clean.config import CleanConfig
 from conan_core.clean.decontaminate import eval_match_keys, is_eval_path, load_eval_keys
-from conan_core.clean.dedup import NearDuplicateIndex, RowKeys, row_keys
+from conan_core.clean.dedup import NearDuplicateIndex, RowKeys, row_keys, unique_mask
 from conan_core.clean.filters import DUPLICATE, EVAL_OVERLAP, NEAR_DUPLICATE, TEACHER_SCORE, rule_reason
 from conan_core.clean.normalise import detect_lang, normalise_text
 from conan_core.clean.teacher import Embedder, load_teacher, score_records
@@ -193,25 +194,48 @@ class OrderedDedup:
             self.dedup_quarantine.append(dropped_table(lost, dropped))
 
     def _reasons(self, keys: RowKeys) -> list[str | None]:
-        """Each row's drop reason (None: kept), deciding the rows in order; kept rows join the index."""
+        """Each row's drop reason (None: kept), deciding the rows in order; kept rows join the index.
+
+        A row whose keys (exact, and each band hash) are new to the index and occur once in the unit is
+        kept whatever comes before it, and cannot be what a later row of the unit matches: such rows join
+        the index in bulk, and only the others are decided one by one, in order.
+        """
         exact = keys.exact.tolist()
         reasons: list[str | None] = [None] * len(exact)
-        near, near_slot, bands, first = self.near, {}, [], 0
+        near, first, fresh = self.near, 0, self._fresh_rows(keys)
+        slot_of: dict[int, int] = {}
         if near is not None and len(keys.near_rows):
-            near_slot = dict(zip(keys.near_rows.tolist(), range(len(keys.near_rows)), strict=True))
-            bands = list(zip(*keys.bands.T.tolist(), strict=True))  # tuples of ints: untracked by the GC
             first = near.add_signatures(keys.signatures)
+            fresh_slots = fresh[keys.near_rows]
+            near.add_fresh(first + np.flatnonzero(fresh_slots), keys.bands[fresh_slots])
+            slot_of = dict(zip(keys.near_rows.tolist(), range(len(keys.near_rows)), strict=True))
+        self.seen.update(dict.fromkeys(keys.exact[fresh].tolist()))
+        suspects = np.flatnonzero(~fresh).tolist()
+        bands = keys.bands[[slot_of[row] for row in suspects if row in slot_of]].tolist()
+        band_of = dict(zip((row for row in suspects if row in slot_of), bands, strict=True))
         check_exact, seen = self.config.exact_dedup, self.seen
-        for row, key in enumerate(exact):
+        for row in suspects:
+            key = exact[row]
             if check_exact and key in seen:
                 reasons[row] = DUPLICATE
                 continue
-            slot = near_slot.get(row)
-            if slot is not None and not near.is_new(first + slot, bands[slot]):  # type: ignore[union-attr]
+            if row in band_of and not near.is_new(first + slot_of[row], band_of[row]):  # type: ignore[union-attr]
                 reasons[row] = NEAR_DUPLICATE
                 continue
             seen[key] = None
         return reasons
+
+    def _fresh_rows(self, keys: RowKeys) -> np.ndarray:
+        """Rows whose exact key and band hashes are all new to the index and unique in the unit."""
+        fresh = np.ones(len(keys.exact), dtype=bool)
+        if self.config.exact_dedup:
+            fresh &= unique_mask(keys.exact)
+            known = self.seen.keys() & keys.exact.tolist()  # set operations run in C, not per row in Python
+            if known:
+                fresh &= ~np.isin(keys.exact, np.array(list(known), dtype=keys.exact.dtype))
+        if self.near is not None and len(keys.near_rows):
+            fresh[keys.near_rows] &= self.near.fresh(keys.bands)
+        return fresh
 
     def kept_table(self) -> pa.Table:
         return pa.concat_tables(self.kept) if self.kept else records_table([])
