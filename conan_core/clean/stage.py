@@ -1,14 +1,14 @@
 """The clean stage: read -> normalise -> rule filters -> exact + MinHash dedup -> teacher filter -> dataset.
 
-Reading, normalising, the rule filters, the exact keys and the MinHash signatures and band hashes run per
-input unit (a file or a line range of one), in parallel over workers (`conan_core.raymap`: Ray tasks on a
-running Ray or RAY_ADDRESS, else local processes; `workers=0`, or an input too small for a fan-out to pay:
-in this process), with decontamination
-against the eval splits (`conan_core.clean.decontaminate`). A worker ships back Arrow tables and numpy
-arrays (`UnitResult`), not a Python object per row. Dedup then runs in the driver in input order, unit
-by unit as the results arrive (while the workers read the next units), so the first occurrence is kept
-no matter which worker finished first. Every dropped row lands in quarantine with its reason; the
-manifest counts kept / dropped per reason per source.
+Reading, normalising, the rule filters (with decontamination against the eval splits,
+`conan_core.clean.decontaminate`), the exact keys, the MinHash signatures and the LSH band hashes run
+per input unit (a file or a line range of one), in parallel over workers (`conan_core.raymap`: Ray
+tasks on a running Ray or RAY_ADDRESS, else local processes; `workers=0`, or an input too small for a
+fan-out to pay: in this process). A worker ships back Arrow tables and numpy arrays (`UnitResult`), not
+a Python object per row. Dedup then runs in the driver in input order, unit by unit as the results
+arrive (while the workers read the next units), so the first occurrence is kept no matter which worker
+finished first. Every dropped row lands in quarantine with its reason; the manifest counts kept /
+dropped per reason per source.
 """
 
 from __future__ import annotations
@@ -200,29 +200,35 @@ class OrderedDedup:
         kept whatever comes before it, and cannot be what a later row of the unit matches: such rows join
         the index in bulk, and only the others are decided one by one, in order.
         """
+        fresh = self._fresh_rows(keys)
+        first, slot_of = self._add_fresh(keys, fresh)
+        return self._decide_in_order(keys, np.flatnonzero(~fresh).tolist(), first, slot_of)
+
+    def _add_fresh(self, keys: RowKeys, fresh: np.ndarray) -> tuple[int, dict[int, int]]:
+        """Keep the fresh rows; return the index id of the unit's first signature and row -> signature slot."""
+        self.seen.update(dict.fromkeys(keys.exact[fresh].tolist()))
+        if self.near is None or not len(keys.near_rows):
+            return 0, {}
+        first = self.near.add_signatures(keys.signatures)
+        fresh_slots = fresh[keys.near_rows]
+        self.near.add_fresh(first + np.flatnonzero(fresh_slots), keys.bands[fresh_slots])
+        return first, dict(zip(keys.near_rows.tolist(), range(len(keys.near_rows)), strict=True))
+
+    def _decide_in_order(self, keys: RowKeys, rows: list[int], first: int,
+                         slot_of: dict[int, int]) -> list[str | None]:
         exact = keys.exact.tolist()
         reasons: list[str | None] = [None] * len(exact)
-        near, first, fresh = self.near, 0, self._fresh_rows(keys)
-        slot_of: dict[int, int] = {}
-        if near is not None and len(keys.near_rows):
-            first = near.add_signatures(keys.signatures)
-            fresh_slots = fresh[keys.near_rows]
-            near.add_fresh(first + np.flatnonzero(fresh_slots), keys.bands[fresh_slots])
-            slot_of = dict(zip(keys.near_rows.tolist(), range(len(keys.near_rows)), strict=True))
-        self.seen.update(dict.fromkeys(keys.exact[fresh].tolist()))
-        suspects = np.flatnonzero(~fresh).tolist()
-        bands = keys.bands[[slot_of[row] for row in suspects if row in slot_of]].tolist()
-        band_of = dict(zip((row for row in suspects if row in slot_of), bands, strict=True))
-        check_exact, seen = self.config.exact_dedup, self.seen
-        for row in suspects:
+        near_rows = [row for row in rows if row in slot_of]
+        band_of = dict(zip(near_rows, keys.bands[[slot_of[row] for row in near_rows]].tolist(), strict=True))
+        check_exact, seen, near = self.config.exact_dedup, self.seen, self.near
+        for row in rows:
             key = exact[row]
             if check_exact and key in seen:
                 reasons[row] = DUPLICATE
-                continue
-            if row in band_of and not near.is_new(first + slot_of[row], band_of[row]):  # type: ignore[union-attr]
+            elif row in band_of and not near.is_new(first + slot_of[row], band_of[row]):  # type: ignore[union-attr]
                 reasons[row] = NEAR_DUPLICATE
-                continue
-            seen[key] = None
+            else:
+                seen[key] = None
         return reasons
 
     def _fresh_rows(self, keys: RowKeys) -> np.ndarray:
