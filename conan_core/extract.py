@@ -161,8 +161,8 @@ def run_extract(inputs: list[Path], output: Path, config: ExtractConfig, *, work
     entries = [(path, _instruct_spec(spec)) for path, spec in resolve_inputs(inputs)]
     units = [unit for path, spec in entries
              for unit in plan_units(path, spec, lines_per_unit=config.clean.lines_per_unit)]
-    workers = fanout_workers(workers, input_bytes([path for path, _ in entries]), min_bytes=min_fanout_bytes,
-                             desc="extract")
+    workers = fanout_workers(workers, input_bytes([path for path, _ in entries]), len(units),
+                             min_bytes=min_fanout_bytes, desc="extract")
     config_dump = {"stage": "extract", "extract": config.model_dump()}
     with closing(iter_units(process_instruct_unit, units, (config,), workers=workers, progress=progress,
                             desc="extract")) as outputs:

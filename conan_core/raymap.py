@@ -30,10 +30,12 @@ T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
-# Input size from which fanning out beats one process, measured with bench/bench_clean.py on the 2-core
-# dev machine (2026-12-03): local processes start in ~0.05 s and pay for themselves within a second of
-# work; on a running Ray the workers' first import of the stage and the object store cost more.
-FANOUT_MIN_BYTES = {"processes": 2 << 20, "ray": 8 << 20}
+# Input size from which a fan-out beats one process, measured with bench/bench_clean.py --every-size on the
+# 2-core dev machine (2026-12-03, rows of ~160 bytes): 2 local processes were faster from the smallest
+# size tried (1.3 MB: 0.3 s vs 0.5 s), 1 local process (only the driver's dedup overlaps) broke even at
+# 7.9 MB, 2 tasks on a running Ray at 7.9 MB (0.99x; 1.2-1.3x at 16 MB: its fresh workers first import the
+# stage). One unit (a small file) is never fanned out: there is nothing to spread.
+FANOUT_MIN_BYTES = {"processes": 1 << 20, "one_process": 8 << 20, "ray": 16 << 20}
 IN_FLIGHT_PER_WORKER = 2  # queued units per worker: one running, one ready to start when it finishes
 
 
@@ -57,18 +59,26 @@ def uses_ray() -> bool:
     return ray_is_running() or bool(os.environ.get("RAY_ADDRESS"))
 
 
-def fanout_workers(workers: int, work_bytes: int, *, min_bytes: int | None = None, desc: str = "map") -> int:
-    """`workers`, or 0 (this process) when the input is too small for a fan-out to pay.
+def fanout_min_bytes(workers: int) -> int:
+    """The measured crossover (FANOUT_MIN_BYTES) for `workers` on the backend a fan-out would use now."""
+    if uses_ray():
+        return FANOUT_MIN_BYTES["ray"]
+    return FANOUT_MIN_BYTES["processes" if workers > 1 else "one_process"]
 
-    `min_bytes` None: FANOUT_MIN_BYTES of the backend a fan-out would use; 0: fan out whatever the size."""
+
+def fanout_workers(workers: int, work_bytes: int, units: int, *, min_bytes: int | None = None,
+                   desc: str = "map") -> int:
+    """`workers`, or 0 (this process) when a fan-out would not pay: `units` < 2 or `work_bytes` (the input
+    size) under `min_bytes` (None: `fanout_min_bytes`; 0: fan out whatever the input)."""
     if workers == 0:
         return 0
-    if min_bytes is None:
-        min_bytes = FANOUT_MIN_BYTES["ray" if uses_ray() else "processes"]
-    if work_bytes >= min_bytes:
+    if min_bytes == 0:
         return workers
-    log.info("%s: %.1f MB of input, under the %.1f MB from which %d workers pay; running in this process",
-             desc, work_bytes / 1e6, min_bytes / 1e6, workers)
+    min_bytes = fanout_min_bytes(workers) if min_bytes is None else min_bytes
+    if units >= 2 and work_bytes >= min_bytes:
+        return workers
+    log.info("%s: %d unit(s), %.1f MB of input, under the %.1f MB from which %d worker(s) pay; running in this "
+             "process", desc, units, work_bytes / 1e6, min_bytes / 1e6, workers)
     return 0
 
 

@@ -289,11 +289,13 @@ def _dataset_files(folder: Path) -> dict[str, bytes]:
 def test_small_inputs_run_in_process_unless_told(monkeypatch: pytest.MonkeyPatch) -> None:
     from conan_core import raymap
 
-    for backend, on_ray in (("processes", False), ("ray", True)):
+    for backend, workers, on_ray in (("processes", 2, False), ("one_process", 1, False), ("ray", 2, True)):
         monkeypatch.setattr(raymap, "uses_ray", lambda on_ray=on_ray: on_ray)
         threshold = raymap.FANOUT_MIN_BYTES[backend]
-        assert raymap.fanout_workers(2, threshold - 1) == 0 and raymap.fanout_workers(2, threshold) == 2
-    assert raymap.fanout_workers(2, 1, min_bytes=0) == 2 and raymap.fanout_workers(0, 1 << 40) == 0
+        assert raymap.fanout_workers(workers, threshold - 1, 10) == 0
+        assert raymap.fanout_workers(workers, threshold, 10) == workers
+        assert raymap.fanout_workers(workers, threshold, 1) == 0  # one unit: nothing to spread
+    assert raymap.fanout_workers(2, 1, 1, min_bytes=0) == 2 and raymap.fanout_workers(0, 1 << 40, 10) == 0
 
 
 def test_worker_processes_give_the_same_dataset_as_in_process(tmp_path: Path,

@@ -288,14 +288,14 @@ def run_clean(inputs: list[Path], output: Path, config: CleanConfig, *, teacher:
     """Clean `inputs` (files, BEIR dirs or `group:<name>`) into a dataset at `output`; return the manifest.
 
     `workers` workers (Ray tasks or local processes, see `conan_core.raymap`; 0: in this process); an input
-    under `min_fanout_bytes` runs in this process anyway (None: the measured crossover,
-    `raymap.FANOUT_MIN_BYTES`; 0: fan out whatever the size)."""
+    of one unit or under `min_fanout_bytes` runs in this process anyway (None: the measured crossover,
+    `raymap.fanout_min_bytes`; 0: fan out whatever the input)."""
     entries = resolve_inputs(inputs)
     units = [unit for path, spec in entries for unit in plan_units(path, spec, lines_per_unit=config.lines_per_unit)]
     embedder = load_teacher(teacher) if teacher is not None else None
     eval_keys = load_eval_keys() if config.decontaminate else None
-    workers = fanout_workers(workers, input_bytes([path for path, _ in entries]), min_bytes=min_fanout_bytes,
-                             desc="clean")
+    workers = fanout_workers(workers, input_bytes([path for path, _ in entries]), len(units),
+                             min_bytes=min_fanout_bytes, desc="clean")
     config_dump = {"stage": "clean", "clean": config.model_dump(),
                    "teacher": None if teacher is None else str(getattr(embedder, "config", teacher))}
     # closing: a failure in the driver's pass stops the workers (and a Ray this call started) right away
