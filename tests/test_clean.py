@@ -365,3 +365,25 @@ def test_labelled_near_duplicates_are_kept_by_default(tmp_path: Path) -> None:
     manifest = run_clean([source], tmp_path / "out", CleanConfig(decontaminate=False), workers=0, progress=False)
     assert manifest["counts"]["kept"] == 2
     assert read_quarantine(tmp_path / "out").column("reason").to_pylist() == ["duplicate"]
+
+
+def test_eval_keys_are_cached_by_the_splits_contents(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from conan_core.clean import decontaminate
+    from conan_core.io.readers import FieldMap, ReadSpec
+
+    split = tmp_path / "data" / "eval" / "pairs.jsonl"
+    split.parent.mkdir(parents=True)
+    split.write_text(json.dumps({"q": "评测 句子\u3000一", "p": "另一句"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    spec = ReadSpec("jsonl", "e", "zh", fields=FieldMap(kind="pair", query="q", positive="p"))
+    monkeypatch.setattr(decontaminate, "EVAL_TEXT_FILES", ["eval/pairs.jsonl"])
+    monkeypatch.setattr(decontaminate, "EVAL_FILES", {"eval/pairs.jsonl": spec})
+    monkeypatch.setattr(decontaminate, "shared_data_dir", lambda: tmp_path / "data")
+    monkeypatch.setenv("CONAN_WORK_DIR", str(tmp_path / "work"))
+    fresh = decontaminate.load_eval_keys()
+    assert fresh == {"t:评测句子一", "t:另一句", "p:评测句子一\x1f另一句"}
+    assert len(list((tmp_path / "work" / "eval_keys").glob("*.txt"))) == 1
+    monkeypatch.setattr(decontaminate, "_read_eval_keys", lambda paths: pytest.fail("read again"))
+    assert decontaminate.load_eval_keys() == fresh  # from the key file
+    split.write_text(json.dumps({"q": "新的", "p": "句子"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    with pytest.raises(pytest.fail.Exception, match="read again"):  # changed contents: another key file
+        decontaminate.load_eval_keys()
