@@ -19,7 +19,8 @@ InputsOption = Annotated[list[str], typer.Option(
     "--input", help="A file, a BEIR dir, or group:<name> (see `conan data sources`); repeatable.")]
 OutputOption = Annotated[Path, typer.Option("--output", help="Dataset dir to write.")]
 WorkersOption = Annotated[int | None, typer.Option(
-    help="Ray workers; 0 runs in this process without Ray (default: the config's data.workers, 2).")]
+    help="Workers: local processes, or Ray tasks when Ray runs or RAY_ADDRESS is set; 0 runs in this process, "
+         "as do inputs too small for workers to pay (default: the config's data.workers, 2).")]
 ProgressOption = Annotated[bool, typer.Option(help="Show a progress bar.")]
 
 

@@ -35,7 +35,8 @@ class DataConfig(_Strict):
     pretrain: list[str] = Field(default_factory=list, description="weak pairs for pretraining")
     finetune: list[str] = Field(default_factory=list, description="retrieval / STS / classification data")
     instruct: list[str] = Field(default_factory=list, description="LLM chat data for `conan extract`")
-    workers: int = Field(default=2, gt=0, description="Ray workers of the data stages")
+    workers: int = Field(default=2, gt=0,
+                         description="workers of the data stages (local processes, or Ray tasks on a running Ray)")
 
 
 class ModelInitConfig(_Strict):

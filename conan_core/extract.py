@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import json
 import re
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 from conan_core.clean.config import ExtractConfig
-from conan_core.clean.stage import UnitOutput, add_signatures, filter_records, finish_stage
+from conan_core.clean.stage import UnitOutput, UnitResult, filter_records, finish_stage, pack_unit
 from conan_core.io.catalog import resolve_inputs
 from conan_core.io.conversations import ASSISTANT, ConversationError, conversation_turns, prompt_response_pairs
-from conan_core.io.readers import ReadSpec, ReadUnit, plan_units, split_lines
-from conan_core.raymap import map_units
+from conan_core.io.readers import ReadSpec, ReadUnit, plan_units, unit_lines
+from conan_core.raymap import fanout_workers, input_bytes, iter_units
 from conan_core.schema import KIND_PAIR, make_quarantine_row, make_record
 
 REFUSAL = "refusal"
@@ -85,8 +86,8 @@ def pair_reason(prompt: str | None, response: Any, config: ExtractConfig) -> str
 def iter_items(unit: ReadUnit) -> list[tuple[str, Any, str | None]]:
     """(raw text, parsed JSON item or None, error reason or None) of a JSON-lines or JSON-array unit."""
     items: list[tuple[str, Any, str | None]] = []
-    data = Path(unit.path).read_bytes()
     if unit.spec.format == "instruct_json":
+        data = Path(unit.path).read_bytes()
         try:
             parsed = json.loads(data.decode("utf-8-sig"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -94,7 +95,7 @@ def iter_items(unit: ReadUnit) -> list[tuple[str, Any, str | None]]:
         for item in parsed if isinstance(parsed, list) else [parsed]:
             items.append((json.dumps(item, ensure_ascii=False), item, None))
         return items
-    for line in split_lines(data)[unit.start:unit.stop]:
+    for line in unit_lines(unit):
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError:
@@ -131,7 +132,7 @@ def _pairs_of_item(item: Any, raw: str, spec: ReadSpec, config: ExtractConfig,
     return records
 
 
-def process_instruct_unit(unit: ReadUnit, config: ExtractConfig) -> UnitOutput:
+def process_instruct_unit(unit: ReadUnit, config: ExtractConfig) -> UnitResult:
     """Extract, filter, normalise and sign the pairs of one unit."""
     out = UnitOutput()
     records: list[dict[str, Any]] = []
@@ -141,7 +142,7 @@ def process_instruct_unit(unit: ReadUnit, config: ExtractConfig) -> UnitOutput:
             continue
         records += _pairs_of_item(item, raw, unit.spec, config, out)
     filter_records(records, config.clean, None, out)
-    return add_signatures(out, config.clean)
+    return pack_unit(out, config.clean)
 
 
 def _instruct_spec(spec: ReadSpec) -> ReadSpec:
@@ -154,12 +155,15 @@ def _instruct_spec(spec: ReadSpec) -> ReadSpec:
 
 
 def run_extract(inputs: list[Path], output: Path, config: ExtractConfig, *, workers: int = 2,
-                progress: bool = True) -> dict:
-    """Extract (prompt, response) pairs from `inputs` (files or `group:instruct`) into a dataset."""
+                progress: bool = True, min_fanout_bytes: int | None = None) -> dict:
+    """Extract (prompt, response) pairs from `inputs` (files or `group:instruct`) into a dataset; the
+    fan-out as in `run_clean`."""
     entries = [(path, _instruct_spec(spec)) for path, spec in resolve_inputs(inputs)]
     units = [unit for path, spec in entries
              for unit in plan_units(path, spec, lines_per_unit=config.clean.lines_per_unit)]
-    outputs = map_units(process_instruct_unit, units, (config,), workers=workers, progress=progress,
-                        desc="extract")
+    workers = fanout_workers(workers, input_bytes([path for path, _ in entries]), len(units),
+                             min_bytes=min_fanout_bytes, desc="extract")
     config_dump = {"stage": "extract", "extract": config.model_dump()}
-    return finish_stage(outputs, Path(output), config_dump, config.clean, [path for path, _ in entries], None)
+    with closing(iter_units(process_instruct_unit, units, (config,), workers=workers, progress=progress,
+                            desc="extract")) as outputs:
+        return finish_stage(outputs, Path(output), config_dump, config.clean, [path for path, _ in entries], None)

@@ -3,16 +3,30 @@
 from __future__ import annotations
 
 import json
+import random
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+from datasketch import MinHash, MinHashLSH
+from datasketch.lsh import _optimal_param
 
+from conan_core.clean import dedup
 from conan_core.clean.config import CleanConfig
 from conan_core.clean.decontaminate import eval_match_keys, overlap_key
-from conan_core.clean.dedup import NearDuplicateIndex, signatures
+from conan_core.clean.dedup import (
+    NearDuplicateIndex,
+    band_hashes,
+    char_ngrams,
+    dedup_text,
+    exact_key,
+    lsh_bands,
+    signatures,
+)
 from conan_core.clean.normalise import approx_token_count, detect_lang, normalise_text
-from conan_core.clean.stage import UnitOutput, filter_records, run_clean
+from conan_core.clean.stage import OrderedDedup, UnitOutput, filter_records, pack_unit, run_clean
+from conan_core.errors import ConanError
 from conan_core.io.dataset import read_dataset, read_quarantine
 from conan_core.schema import make_record
 
@@ -68,12 +82,134 @@ def test_lang_and_tokens() -> None:
     assert approx_token_count("我爱 NLP models") == 4
 
 
+def _index_decisions(texts: list[str], config: CleanConfig) -> list[bool]:
+    sigs = signatures(texts, config)
+    index = NearDuplicateIndex(config)
+    first = index.add_signatures(sigs)
+    bands = band_hashes(sigs, *lsh_bands(config.minhash_threshold, config.minhash_num_perm)).tolist()
+    return [index.is_new(first + row, row_bands) for row, row_bands in enumerate(bands)]
+
+
+def _datasketch_decisions(texts: list[str], config: CleanConfig) -> list[bool]:
+    """The dedup as it was written with datasketch: one MinHash per text, MinHashLSH candidates, then the
+    signatures' agreement against the threshold."""
+    lsh = MinHashLSH(threshold=config.minhash_threshold, num_perm=config.minhash_num_perm)
+    kept: list[np.ndarray] = []
+    decisions = []
+    for text in texts:
+        minhash = MinHash(num_perm=config.minhash_num_perm, seed=config.minhash_seed, hashfunc=zlib.crc32)
+        minhash.update_batch([g.encode("utf-8") for g in char_ngrams(text, config.minhash_ngram)])
+        new = not any(float(np.mean(kept[int(key)] == minhash.hashvalues)) >= config.minhash_threshold
+                      for key in lsh.query(minhash))
+        if new:
+            lsh.insert(str(len(kept)), minhash, check_duplication=False)
+            kept.append(minhash.hashvalues)
+        decisions.append(new)
+    return decisions
+
+
+def _perturbed_texts(count: int) -> list[str]:
+    """Short and long texts and their one-character variants: near-duplicates and clear non-duplicates."""
+    rng = random.Random(3)
+    base = ["", "短", "两个", "今天天气很好", "A man is eating.", LONG_GOOD] + [
+        "".join(chr(0x4E00 + rng.randrange(3000)) for _ in range(rng.randrange(4, 80))) for _ in range(40)]
+    texts = []
+    for _ in range(count):
+        text = rng.choice(base)
+        if text and rng.random() < 0.6:
+            i = rng.randrange(len(text))
+            text = text[:i] + rng.choice(["", "的", "x", text[i] * 2]) + text[i + 1:]
+        texts.append(text)
+    return texts
+
+
 def test_minhash_index_keeps_first_and_flags_near_duplicates() -> None:
     config = CleanConfig(minhash_threshold=0.8)
     texts = [LONG_GOOD, LONG_GOOD.replace("检测", "检查", 1), "完全不同的另一句话，没有任何重叠的内容"]
+    assert _index_decisions(texts, config) == [True, False, True]
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.8, 0.9])
+def test_signatures_and_dedup_decisions_are_datasketchs(threshold: float) -> None:
+    """Vectorised signatures, our band choice and index drop exactly the rows datasketch's would."""
+    config = CleanConfig(minhash_threshold=threshold)
+    texts = _perturbed_texts(600)
+    reference = np.empty((len(texts), config.minhash_num_perm), dtype=np.uint64)
+    for row, text in enumerate(texts):
+        minhash = MinHash(num_perm=config.minhash_num_perm, seed=config.minhash_seed, hashfunc=zlib.crc32)
+        minhash.update_batch([g.encode("utf-8") for g in char_ngrams(text, config.minhash_ngram)])
+        reference[row] = minhash.hashvalues
+    assert np.array_equal(signatures(texts, config).astype(np.uint64), reference)
+    decisions = _index_decisions(texts, config)
+    assert decisions == _datasketch_decisions(texts, config)
+    assert 50 < decisions.count(False) < 550  # the texts do exercise both answers
+
+
+def test_band_hash_collisions_are_no_candidates(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With every band hash equal, every kept row is looked at; only an equal band makes it a candidate."""
+    config = CleanConfig(minhash_threshold=0.5)
+    texts = _perturbed_texts(300)
+    monkeypatch.setattr(dedup, "band_hashes", lambda sigs, bands, rows: np.zeros((len(sigs), bands), np.uint64))
     sigs = signatures(texts, config)
     index = NearDuplicateIndex(config)
-    assert [index.is_new(sig) for sig in sigs] == [True, False, True]
+    first = index.add_signatures(sigs)
+    bands = dedup.band_hashes(sigs, *lsh_bands(config.minhash_threshold, config.minhash_num_perm)).tolist()
+    decisions = [index.is_new(first + row, row_bands) for row, row_bands in enumerate(bands)]
+    assert decisions == _datasketch_decisions(texts, config)
+
+
+def _reference_reasons(records: list[dict], config: CleanConfig) -> list[str | None]:
+    """The ordered dedup as it was written before (exact key set, then datasketch near-dedup)."""
+    seen: set[bytes] = set()
+    lsh = MinHashLSH(threshold=config.minhash_threshold, num_perm=config.minhash_num_perm)
+    kept: list[np.ndarray] = []
+    reasons: list[str | None] = []
+    for record in records:
+        key = exact_key(record)
+        if key in seen:
+            reasons.append("duplicate")
+            continue
+        if record["kind"] in config.near_dedup_kinds:
+            minhash = MinHash(num_perm=config.minhash_num_perm, seed=config.minhash_seed, hashfunc=zlib.crc32)
+            minhash.update_batch([g.encode("utf-8") for g in char_ngrams(dedup_text(record), config.minhash_ngram)])
+            if any(float(np.mean(kept[int(k)] == minhash.hashvalues)) >= config.minhash_threshold
+                   for k in lsh.query(minhash)):
+                reasons.append("near_duplicate")
+                continue
+            lsh.insert(str(len(kept)), minhash, check_duplication=False)
+            kept.append(minhash.hashvalues)
+        seen.add(key)
+        reasons.append(None)
+    return reasons
+
+
+def test_ordered_dedup_over_units_decides_as_one_pass_in_order() -> None:
+    """Bulk-kept fresh rows and the row-by-row rest give the decisions of one plain pass, across units."""
+    config = CleanConfig(minhash_threshold=0.8)
+    rng = random.Random(5)
+    texts = _perturbed_texts(900)
+    records = [make_record(kind=rng.choice(["pair", "pair", "sts"]), query=text or "空", positive=rng.choice("ab"),
+                           score=1.0, source="s", lang="zh") for text in texts]
+    records += [rng.choice(records) for _ in range(200)]  # exact duplicates, within and across units
+    rng.shuffle(records)
+    dedup = OrderedDedup(config)
+    reasons = []
+    for start in range(0, len(records), 250):
+        unit = pack_unit(UnitOutput(records=records[start:start + 250]), config)
+        reasons += dedup._reasons(unit.keys)
+    assert reasons == _reference_reasons(records, config)
+    assert {"duplicate", "near_duplicate", None} == set(reasons)
+
+
+def test_lsh_bands_are_datasketchs_choice() -> None:
+    for num_perm in (16, 64, 128):
+        for threshold in (0.3, 0.5, 0.7, 0.8, 0.85, 0.9, 0.95):
+            expected = _optimal_param(threshold, num_perm, 0.5, 0.5)
+            if expected[0] < 2:  # MinHashLSH refuses a single band, and so do we
+                with pytest.raises(ConanError, match="single LSH band"):
+                    lsh_bands(threshold, num_perm)
+            else:
+                assert lsh_bands(threshold, num_perm) == expected, (threshold, num_perm)
 
 
 def test_fuzz_file_counts_both_sides_exactly(tmp_path: Path) -> None:
@@ -146,6 +282,66 @@ def test_language_and_length_options(tmp_path: Path) -> None:
     assert manifest["counts"]["dropped_by_reason"] == {"language": 1, "too_short": 1}
 
 
+def _dataset_files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*.parquet")}
+
+
+def test_small_inputs_run_in_process_unless_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    from conan_core import raymap
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    for backend, workers, on_ray in (("processes", 2, False), ("one_process", 1, False), ("ray", 2, True)):
+        monkeypatch.setattr(raymap, "uses_ray", lambda on_ray=on_ray: on_ray)
+        threshold = raymap.FANOUT_MIN_BYTES[backend]
+        assert raymap.fanout_workers(workers, threshold - 1, 10) == 0
+        assert raymap.fanout_workers(workers, threshold, 10) == workers
+        assert raymap.fanout_workers(workers, threshold, 1) == 0  # one unit: nothing to spread
+    assert raymap.fanout_workers(2, 1, 1, min_bytes=0) == 2 and raymap.fanout_workers(0, 1 << 40, 10) == 0
+
+
+def test_a_cluster_named_by_ray_address_gets_small_inputs_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The user pointed the run at a cluster: the work goes there whatever its size (two units or more)."""
+    from conan_core import raymap
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    assert raymap.fanout_workers(2, 1, 2) == 2
+    assert raymap.fanout_workers(2, 1 << 30, 1) == 0  # one unit: still nothing to spread
+    assert raymap.fanout_workers(0, 1 << 30, 10) == 0  # workers=0 stays in this process
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert raymap.fanout_workers(2, 1, 2) == 0
+
+
+def test_worker_processes_give_the_same_dataset_as_in_process(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from conan_core import raymap
+
+    monkeypatch.setattr(raymap, "uses_ray", lambda: False)  # local processes even if a test left Ray running
+    source = _fuzz_file(tmp_path / "fuzz.jsonl")
+    config = CONFIG.model_copy(update={"lines_per_unit": 4})  # several units, so order across workers matters
+    local = run_clean([source, source], tmp_path / "local", config, workers=0, progress=False)
+    for workers in (1, 2):
+        fanned = run_clean([source, source], tmp_path / f"p{workers}", config, workers=workers, progress=False,
+                           min_fanout_bytes=0)
+        assert local["counts"] == fanned["counts"]
+        assert _dataset_files(tmp_path / f"p{workers}") == _dataset_files(tmp_path / "local")
+
+
+def test_a_failing_unit_fails_the_stage_with_its_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from conan_core import raymap
+    from conan_core.clean import stage
+
+    monkeypatch.setattr(raymap, "uses_ray", lambda: False)
+    source = _fuzz_file(tmp_path / "fuzz.jsonl")
+
+    def broken(unit, config, eval_keys):  # forked workers inherit the patched module
+        raise ConanError(f"cannot read {unit.path}")
+
+    monkeypatch.setattr(stage, "process_unit", broken)
+    with pytest.raises(ConanError, match="cannot read"):
+        run_clean([source], tmp_path / "out", CONFIG, workers=2, progress=False, min_fanout_bytes=0)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
 @pytest.fixture(scope="module")
 def ray_session():
     import ray
@@ -162,8 +358,12 @@ def test_ray_workers_give_the_same_dataset_as_in_process(tmp_path: Path, ray_ses
     source = _fuzz_file(tmp_path / "fuzz.jsonl")
     config = CONFIG.model_copy(update={"lines_per_unit": 4})  # several units, so order across workers matters
     local = run_clean([source, source], tmp_path / "local", config, workers=0, progress=False)
-    ray_run = run_clean([source, source], tmp_path / "ray", config, workers=2, progress=False)
-    assert local["shards"] == ray_run["shards"] and local["counts"] == ray_run["counts"]
+    files = _dataset_files(tmp_path / "local")
+    for workers in (1, 2):  # min_fanout_bytes=0: fan out however small the input
+        ray_run = run_clean([source, source], tmp_path / f"ray{workers}", config, workers=workers, progress=False,
+                            min_fanout_bytes=0)
+        assert local["shards"] == ray_run["shards"] and local["counts"] == ray_run["counts"]
+        assert _dataset_files(tmp_path / f"ray{workers}") == files  # byte for byte, manifest aside
     # each copy has one duplicate row; the second copy also repeats the 4 rows the first copy kept
     assert local["counts"]["dropped_by_reason"]["duplicate"] == 2 + 4
 
@@ -178,3 +378,25 @@ def test_labelled_near_duplicates_are_kept_by_default(tmp_path: Path) -> None:
     manifest = run_clean([source], tmp_path / "out", CleanConfig(decontaminate=False), workers=0, progress=False)
     assert manifest["counts"]["kept"] == 2
     assert read_quarantine(tmp_path / "out").column("reason").to_pylist() == ["duplicate"]
+
+
+def test_eval_keys_are_cached_by_the_splits_contents(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from conan_core.clean import decontaminate
+    from conan_core.io.readers import FieldMap, ReadSpec
+
+    split = tmp_path / "data" / "eval" / "pairs.jsonl"
+    split.parent.mkdir(parents=True)
+    split.write_text(json.dumps({"q": "评测 句子\u3000一", "p": "另一句"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    spec = ReadSpec("jsonl", "e", "zh", fields=FieldMap(kind="pair", query="q", positive="p"))
+    monkeypatch.setattr(decontaminate, "EVAL_TEXT_FILES", ["eval/pairs.jsonl"])
+    monkeypatch.setattr(decontaminate, "EVAL_FILES", {"eval/pairs.jsonl": spec})
+    monkeypatch.setattr(decontaminate, "shared_data_dir", lambda: tmp_path / "data")
+    monkeypatch.setenv("CONAN_WORK_DIR", str(tmp_path / "work"))
+    fresh = decontaminate.load_eval_keys()
+    assert fresh == {"t:评测句子一", "t:另一句", "p:评测句子一\x1f另一句"}
+    assert len(list((tmp_path / "work" / "eval_keys").glob("*.txt"))) == 1
+    monkeypatch.setattr(decontaminate, "_read_eval_keys", lambda paths: pytest.fail("read again"))
+    assert decontaminate.load_eval_keys() == fresh  # from the key file
+    split.write_text(json.dumps({"q": "新的", "p": "句子"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    with pytest.raises(pytest.fail.Exception, match="read again"):  # changed contents: another key file
+        decontaminate.load_eval_keys()

@@ -66,6 +66,18 @@ def test_extract_counts_every_filter(tmp_path: Path) -> None:
     assert read_quarantine(tmp_path / "out").num_rows == manifest["counts"]["dropped"] == 10
 
 
+def test_extract_on_worker_processes_is_identical(tmp_path: Path, monkeypatch) -> None:
+    from conan_core import raymap
+
+    monkeypatch.setattr(raymap, "uses_ray", lambda: False)  # local processes even if a test left Ray running
+    source = _chat_file(tmp_path / "chat.jsonl")
+    config = ExtractConfig(clean=CleanConfig(decontaminate=False, lines_per_unit=3))  # several units
+    local = run_extract([source], tmp_path / "local", config, workers=0, progress=False)
+    fanned = run_extract([source], tmp_path / "fanned", config, workers=2, progress=False, min_fanout_bytes=0)
+    assert local["shards"] == fanned["shards"] and local["quarantine_shards"] == fanned["quarantine_shards"]
+    assert local["counts"] == fanned["counts"]
+
+
 def test_cli_extract_and_sources(tmp_path: Path) -> None:
     from conan_cli.main import app
 

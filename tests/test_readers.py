@@ -8,7 +8,16 @@ from pathlib import Path
 import pytest
 
 from conan_core.io.catalog import EVAL_FILES, GROUPS, catalog_entries, catalog_inputs, read_file, resolve_inputs
-from conan_core.io.readers import ReaderError, sniff_spec
+from conan_core.io.readers import (
+    FieldMap,
+    ReaderError,
+    ReadSpec,
+    plan_units,
+    read_unit,
+    sniff_spec,
+    split_lines,
+    unit_lines,
+)
 from conan_core.paths import shared_data_dir
 
 # Splits `conan eval` scores (brief of the eval helper): none may feed training.
@@ -101,3 +110,26 @@ def test_csv_with_quoted_fields(tmp_path: Path) -> None:
                     header=True, delimiter=",")
     result = read_file(path, spec)
     assert [(r["query"], r["label"]) for r in result.records] == [('good, "very" good', "1"), ("bad", "0")]
+
+
+@pytest.mark.parametrize("data", [b"", b"a\n", b"a", b"a\nb\r\n\nc", b"a\nb\nc\nd\n", b"\n\n\n", b"x\ny\nz\nw\nv"])
+@pytest.mark.parametrize("lines_per_unit", [1, 2, 3, 100])
+def test_units_read_their_own_byte_range_as_the_whole_file_split_would(tmp_path: Path, data: bytes,
+                                                                       lines_per_unit: int) -> None:
+    path = tmp_path / "lines.jsonl"
+    path.write_bytes(data)
+    units = plan_units(path, ReadSpec("jsonl", "s", "zh"), lines_per_unit=lines_per_unit)
+    assert all(unit.byte_range is not None for unit in units)
+    whole = split_lines(data)
+    assert [unit_lines(unit) for unit in units] == [whole[u.start:u.stop] for u in units]
+    assert [line for unit in units for line in unit_lines(unit)] == whole
+
+
+def test_tsv_header_is_read_by_every_unit(tmp_path: Path) -> None:
+    path = tmp_path / "pairs.tsv"
+    path.write_text("query\tpos\n" + "".join(f"q{i}\tp{i}\n" for i in range(5)), encoding="utf-8")
+    fields = FieldMap(kind="pair", query="query", positive="pos")
+    spec = ReadSpec("tsv", "s", "zh", fields=fields, header=True)
+    units = plan_units(path, spec, lines_per_unit=2)
+    assert len(units) == 3
+    assert [r["positive"] for u in units for r in read_unit(u).records] == [f"p{i}" for i in range(5)]

@@ -69,7 +69,17 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     _fsync_path(path.parent)
 
 
+def _one_chunk(table: pa.Table) -> pa.Table:
+    """`table` in one chunk per column where that fits (string offsets are int32): Parquet's page layout
+    follows the chunks, so equal rows give equal bytes however the table was put together."""
+    try:
+        return table.combine_chunks()
+    except pa.ArrowInvalid:  # over 2 GiB of text in one column: written as it is
+        return table
+
+
 def _write_shard(table: pa.Table, path: Path) -> dict[str, Any]:
+    table = _one_chunk(table)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     # No statistics timestamps or writer ids vary between runs, so equal tables give equal bytes.
     pq.write_table(table, tmp, compression="zstd", row_group_size=min(max(table.num_rows, 1), 50_000))

@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from conan_core.errors import ConanError
 from conan_core.io.conversations import ASSISTANT, ConversationError, conversation_turns, prompt_response_pairs
 from conan_core.schema import (
@@ -109,6 +111,9 @@ class ReadUnit:
     spec: ReadSpec
     start: int = 0
     stop: int | None = None
+    # Byte range of lines [start, stop) when plan_units knows it, so a unit reads only its own lines
+    # (None: read the whole file and take the line range).
+    byte_range: tuple[int, int] | None = None
 
 
 @dataclass
@@ -135,7 +140,7 @@ def split_lines(data: bytes) -> list[bytes]:
     return [line[:-1] if line.endswith(b"\r") else line for line in lines]
 
 
-def plan_units(path: Path, spec: ReadSpec, *, lines_per_unit: int = 20_000) -> list[ReadUnit]:
+def plan_units(path: Path, spec: ReadSpec, *, lines_per_unit: int = 5_000) -> list[ReadUnit]:
     """Split a line file into line-range units; whole-file formats are one unit."""
     if not Path(path).exists():
         raise ReaderError(f"{path}: no such file or directory")
@@ -145,10 +150,39 @@ def plan_units(path: Path, spec: ReadSpec, *, lines_per_unit: int = 20_000) -> l
         if spec.format != "beir":
             _check_readable(Path(path))  # fail here, in the driver, not inside a worker
         return [ReadUnit(str(path), spec)]
-    total = _read_bytes(path).count(b"\n") + 1
+    data = _read_bytes(path)
+    # where each line starts (line i after the i-th b"\n"), and one past the end
+    line_starts = np.concatenate([[0], np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 0x0A) + 1,
+                                  [len(data)]])
+    total = len(line_starts) - 1  # = count(b"\n") + 1, the last line possibly empty
     first = 1 if spec.header else 0
-    return [ReadUnit(str(path), spec, start, min(start + lines_per_unit, total))
-            for start in range(first, max(total, first + 1), lines_per_unit)]
+    units = []
+    for start in range(first, max(total, first + 1), lines_per_unit):
+        stop = min(start + lines_per_unit, total)
+        units.append(ReadUnit(str(path), spec, start, stop,
+                              (int(line_starts[min(start, total)]), int(line_starts[stop]))))
+    return units
+
+
+def unit_lines(unit: ReadUnit) -> list[bytes]:
+    """Lines [start, stop) of a line-format unit (split as split_lines does)."""
+    if unit.byte_range is None:
+        return split_lines(_read_bytes(unit.path))[unit.start:unit.stop]
+    begin, end = unit.byte_range
+    try:
+        with open(unit.path, "rb") as handle:
+            handle.seek(begin)
+            return split_lines(handle.read(end - begin))
+    except OSError as err:
+        raise _unreadable(unit.path, err) from None
+
+
+def _first_line(path: str) -> bytes:
+    try:
+        with open(path, "rb") as handle:
+            return handle.readline().removesuffix(b"\n").removesuffix(b"\r")
+    except OSError as err:
+        raise _unreadable(path, err) from None
 
 
 def _check_readable(path: Path) -> None:
@@ -327,11 +361,10 @@ def _add(result: ReadResult, spec: ReadSpec, raw: str, parse: Any) -> None:
 
 def _read_line_unit(unit: ReadUnit, result: ReadResult) -> None:
     spec = unit.spec
-    lines = split_lines(_read_bytes(unit.path))
     header = None
     if spec.format == "tsv" and spec.header:
-        header = lines[0].decode("utf-8-sig", errors="replace").split(spec.delimiter) if lines else []
-    for index, line in enumerate(lines[unit.start:unit.stop], start=unit.start):
+        header = _first_line(unit.path).decode("utf-8-sig", errors="replace").split(spec.delimiter)
+    for index, line in enumerate(unit_lines(unit), start=unit.start):
         if index == spec.header_line:
             result.quarantine.append(make_quarantine_row(source=spec.source, reason="header",
                                                          raw=line.decode("utf-8-sig", errors="replace")))
