@@ -53,3 +53,31 @@ def test_cli_reports_bad_input_in_one_line(tmp_path: Path):
     result = runner.invoke(app, ["train", "finetune", "--data", str(tmp_path), "--model", "x", "--out",
                                  str(tmp_path / "o"), "--set", "layout.sts_workers=-1"])
     assert result.exit_code == 2 and "layout.sts_workers" in result.output
+
+
+def test_train_spec_is_typed_and_checks_its_stage(tmp_path: Path):
+    """The driver's one validated hand-off to the Ray Train workers (train/spec.py)."""
+    import pickle
+
+    from pydantic import ValidationError
+
+    from conan_core.mining.config import MiningConfig
+    from conan_core.train.spec import TrainSpec
+
+    paths = {"data_dirs": [tmp_path / "data"], "model_path": tmp_path / "model", "out_dir": tmp_path / "out"}
+    finetune = FinetuneConfig(steps=3, lr=2e-5)
+    spec = TrainSpec(stage="finetune", config=finetune, mining=MiningConfig(top_k=7),
+                     candidates_dir=tmp_path / "cands", **paths)
+    assert spec.config is finetune  # handed on as it is, not re-parsed
+    again = pickle.loads(pickle.dumps({"spec": spec}))["spec"]  # what Ray does to train_loop_config
+    assert again == spec and isinstance(again.config, FinetuneConfig) and again.mining_config.top_k == 7
+    assert TrainSpec(stage="pretrain", config=PretrainConfig(), **paths).mining_config == MiningConfig()
+    # a dict config is parsed as the stage's model, whatever a plain union would pick
+    parsed = TrainSpec.model_validate({"stage": "finetune", "config": {"steps": 2}, **paths})
+    assert type(parsed.config) is FinetuneConfig
+    with pytest.raises(ValidationError, match="a pretrain spec needs a PretrainConfig"):
+        TrainSpec(stage="pretrain", config=finetune, **paths)
+    with pytest.raises(ValidationError, match="finetuning inputs"):
+        TrainSpec(stage="pretrain", config=PretrainConfig(), candidates_dir=tmp_path, **paths)
+    with pytest.raises(ValidationError):
+        TrainSpec(stage="finetune", config=finetune, extra_key=1, **paths)

@@ -37,10 +37,11 @@ from conan_core.train.checkpoint import (
     set_rng_state,
     wait_until_taken,
 )
-from conan_core.train.config import FinetuneConfig, PretrainConfig, TrainCommon
+from conan_core.train.config import TrainCommon
 from conan_core.train.data import TokenBank
 from conan_core.train.metrics import MetricsLog, _truncate_after, record_start
 from conan_core.train.objective import Encoder, average_gradients
+from conan_core.train.spec import FaultInjection, TrainSpec
 from conan_core.train.tasks import FinetuneTask, PretrainTask
 
 FINAL_MODEL_DIR = "model"
@@ -108,9 +109,8 @@ def total_steps(config: TrainCommon, steps_per_epoch: int) -> int:
     return config.steps or max(1, math.ceil(config.epochs * steps_per_epoch))
 
 
-def train_loop(spec: dict[str, Any]) -> None:
-    """Ray Train's train_loop_per_worker. spec: stage, config (dict), data_dirs, model_path, out_dir,
-    and for finetuning candidates_dir / mining (dict); fault_injection (tests)."""
+def train_loop(loop_config: dict[str, TrainSpec]) -> None:
+    """Ray Train's train_loop_per_worker; loop_config["spec"] is the driver's TrainSpec (train/spec.py)."""
     offline_env()
     import ray.train
     import ray.train.torch
@@ -118,19 +118,18 @@ def train_loop(spec: dict[str, Any]) -> None:
     context = ray.train.get_context()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, context.get_local_world_size())))
     device = ray.train.torch.get_device()
-    stage = spec["stage"]
-    config = (PretrainConfig if stage == "pretrain" else FinetuneConfig).model_validate(spec["config"])
-    out_dir = Path(spec["out_dir"])
+    spec = loop_config["spec"]
+    config, out_dir = spec.config, spec.out_dir
     world = world_info()
     torch.manual_seed(config.seed + world.rank)
 
-    model = ConanEmbedder.load(spec["model_path"]).to(device)
+    model = ConanEmbedder.load(spec.model_path).to(device)
     if config.gradient_checkpointing:
         model.encoder.gradient_checkpointing_enable()
     model.train()
     optimizer = make_optimizer(model, config)
     encode = make_encoder(model, config, device)
-    task = _build_task(stage, config, spec, encode, world.rank)
+    task = _build_task(spec, encode, world.rank)
     total = total_steps(config, task.steps_per_epoch())
     task.last_step = total
     start, restored_from = _restore(model, optimizer, task, out_dir, world.rank)
@@ -144,7 +143,7 @@ def train_loop(spec: dict[str, Any]) -> None:
     try:
         for step in range(start + 1, total + 1):
             metrics = train_step(step, total, step_config, model, optimizer, task, encode)
-            _maybe_crash(spec.get("fault_injection"), step, world.rank)
+            _maybe_crash(spec.fault_injection, step, world.rank)
             if log is not None and metrics is not None:
                 log.write(metrics)
             if schedule.due(step, timed=metrics is not None):
@@ -155,7 +154,7 @@ def train_loop(spec: dict[str, Any]) -> None:
         if log is not None:
             log.close()
     if world.rank == 0:
-        model.save(out_dir / FINAL_MODEL_DIR, card=_card(stage, config, spec, total, world.size, task))
+        model.save(out_dir / FINAL_MODEL_DIR, card=_card(spec, total, world.size, task))
 
 
 def make_encoder(model: torch.nn.Module, config: TrainCommon, device: torch.device) -> Encoder:
@@ -164,34 +163,28 @@ def make_encoder(model: torch.nn.Module, config: TrainCommon, device: torch.devi
                    bf16=config.bf16 and device.type == "cuda", grad_cache_chunk=config.grad_cache_chunk)
 
 
-def _build_task(stage: str, config: TrainCommon, spec: dict[str, Any], encode: Encoder, rank: int):
-    if stage == "pretrain":
-        return PretrainTask(config, spec["data_dirs"], encode.bank, encode)
-    dyn = _dynamic_negatives(config, spec, rank)
-    mining = _mining_config(spec) if dyn is not None else None
-    remine_dir = Path(spec["out_dir"]) if mining and mining.dhnm.remine_between_epochs != "off" else None
-    return FinetuneTask(config, spec["data_dirs"], encode.bank, encode, dyn=dyn, mining=mining,
+def _build_task(spec: TrainSpec, encode: Encoder, rank: int):
+    if spec.stage == "pretrain":
+        return PretrainTask(spec.config, spec.data_dirs, encode.bank, encode)
+    dyn = _dynamic_negatives(spec, rank)
+    mining = spec.mining_config if dyn is not None else None
+    remine_dir = spec.out_dir if mining and mining.dhnm.remine_between_epochs != "off" else None
+    return FinetuneTask(spec.config, spec.data_dirs, encode.bank, encode, dyn=dyn, mining=mining,
                         out_dir=remine_dir)
 
 
-def _mining_config(spec: dict[str, Any]):
-    from conan_core.mining.config import MiningConfig
-
-    return MiningConfig.model_validate(spec.get("mining") or {})
-
-
-def _dynamic_negatives(config: FinetuneConfig, spec: dict[str, Any], rank: int):
+def _dynamic_negatives(spec: TrainSpec, rank: int):
     """DHNM over the candidate lists, when a candidates dir is given and `dhnm` is on (in either mode:
     the ablation's "+DHNM" row is vanilla task sampling with dynamic negatives)."""
-    if not spec.get("candidates_dir") or not config.dhnm:
+    config = spec.config
+    if spec.candidates_dir is None or not config.dhnm:
         return None
     from conan_core.mining.candidates import CandidateLists
     from conan_core.mining.dhnm import DynamicNegatives
 
-    mining = _mining_config(spec)
-    metrics = Path(spec["out_dir"]) / HARDNESS_FILE if rank == 0 else None
+    metrics = spec.out_dir / HARDNESS_FILE if rank == 0 else None
     n_total = config.layout.retrieval_group * config.negatives_per_rank
-    return DynamicNegatives(CandidateLists.load(Path(spec["candidates_dir"])), n_total, mining.dhnm,
+    return DynamicNegatives(CandidateLists.load(spec.candidates_dir), n_total, spec.mining_config.dhnm,
                             metrics_path=metrics)
 
 
@@ -295,27 +288,26 @@ def _report_checkpoint(step: int, model: torch.nn.Module, optimizer: torch.optim
     wait_until_taken()
 
 
-def _maybe_crash(fault: dict[str, Any] | None, step: int, rank: int) -> None:
-    """Test hook: the last worker dies once at the given step (a marker file remembers that it did)."""
-    if not fault or step != fault["step"] or rank != world_info().size - 1:
+def _maybe_crash(fault: FaultInjection | None, step: int, rank: int) -> None:
+    """Tests: the last rank exits hard at the fault's step, once (its marker file records that it did)."""
+    if not fault or step != fault.step or rank != world_info().size - 1:
         return
-    marker = Path(fault["marker"])
-    if marker.exists():
+    if fault.marker.exists():
         return
-    marker.write_text(f"crashed at step {step}\n")
+    fault.marker.write_text(f"crashed at step {step}\n")
     os._exit(1)
 
 
-def _card(stage: str, config: TrainCommon, spec: dict[str, Any], steps: int, workers: int,
-          task) -> dict[str, Any]:
+def _card(spec: TrainSpec, steps: int, workers: int, task) -> dict[str, Any]:
+    stage, config = spec.stage, spec.config
     losses = ("in-batch InfoNCE over the global batch (Eq. 1)" if stage == "pretrain" else
               "CBB: InfoNCE with group negatives + beta*CoSENT (Eq. 3)" if config.mode == "cbb" else
               "vanilla: one task per step (InfoNCE or CoSENT)")
-    card = {"stage": stage, "data": [str(d) for d in spec["data_dirs"]], "losses": losses, "steps": steps,
+    card = {"stage": stage, "data": [str(d) for d in spec.data_dirs], "losses": losses, "steps": steps,
             "workers": workers, "lr": config.lr, "examples": task.counts}
     if task.matryoshka.dims:
         card["matryoshka_dims"] = list(task.matryoshka.dims)
     if stage == "finetune":
         card["layout"] = config.layout.model_dump()
-        card["dhnm"] = bool(spec.get("candidates_dir") and config.dhnm)
+        card["dhnm"] = bool(spec.candidates_dir and config.dhnm)
     return card

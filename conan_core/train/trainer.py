@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from conan_core.errors import ConanError
+from conan_core.mining.config import MiningConfig
 from conan_core.model import resolve_base
 from conan_core.raysession import ray_session
 from conan_core.train.config import FinetuneConfig, PretrainConfig, TrainCommon
@@ -40,6 +41,7 @@ from conan_core.train.metrics import (
     start_message,
 )
 from conan_core.train.preflight import check_candidates, check_dataset, check_model_files
+from conan_core.train.spec import TrainSpec
 
 ProgressCallback = Callable[[int, int, dict[str, Any]], None]
 NoticeCallback = Callable[[str], None]
@@ -69,30 +71,31 @@ def run_pretrain(config: PretrainConfig, data_dirs: Sequence[str | Path], model_
                  fault_injection: dict[str, Any] | None = None,
                  notice_callback: NoticeCallback | None = None) -> TrainResult:
     """Weakly-supervised pretraining (in-batch InfoNCE over the global batch); see the module docstring."""
-    spec = _spec("pretrain", config, data_dirs, model_path, out_dir, fault_injection)
-    return _run(spec, config, workers, ray_address, progress_callback, storage_path, notice_callback)
+    spec = TrainSpec(stage="pretrain", config=config, fault_injection=fault_injection,
+                     **_checked_paths(data_dirs, model_path, out_dir))
+    return _run(spec, workers, ray_address, progress_callback, storage_path, notice_callback)
 
 
 def run_finetune(config: FinetuneConfig, data_dirs: Sequence[str | Path], model_path: str | Path,
-                 out_dir: str | Path, *, candidates_dir: str | Path | None = None, mining: Any = None,
-                 workers: int | None = None, ray_address: str | None = None,
+                 out_dir: str | Path, *, candidates_dir: str | Path | None = None,
+                 mining: MiningConfig | None = None, workers: int | None = None, ray_address: str | None = None,
                  progress_callback: ProgressCallback | None = None, storage_path: str | None = None,
                  fault_injection: dict[str, Any] | None = None,
                  notice_callback: NoticeCallback | None = None) -> TrainResult:
-    """CBB finetuning (or `vanilla`), with DHNM over `candidates_dir` when given (mining: MiningConfig)."""
+    """CBB finetuning (or `vanilla`), with DHNM over `candidates_dir` when given."""
     if candidates_dir is not None:
         if not Path(candidates_dir).is_dir():
             raise ConanError(f"candidates dir not found: {candidates_dir}")
         check_candidates(Path(candidates_dir))
-    spec = _spec("finetune", config, data_dirs, model_path, out_dir, fault_injection)
-    if candidates_dir is not None:
-        spec["candidates_dir"] = str(Path(candidates_dir).resolve())
-    spec["mining"] = mining.model_dump(mode="json") if mining is not None else None
-    return _run(spec, config, workers, ray_address, progress_callback, storage_path, notice_callback)
+    spec = TrainSpec(stage="finetune", config=config, mining=mining, fault_injection=fault_injection,
+                     candidates_dir=Path(candidates_dir).resolve() if candidates_dir is not None else None,
+                     **_checked_paths(data_dirs, model_path, out_dir))
+    return _run(spec, workers, ray_address, progress_callback, storage_path, notice_callback)
 
 
-def _spec(stage: str, config: TrainCommon, data_dirs: Sequence[str | Path], model_path: str | Path,
-          out_dir: str | Path, fault_injection: dict[str, Any] | None) -> dict[str, Any]:
+def _checked_paths(data_dirs: Sequence[str | Path], model_path: str | Path,
+                   out_dir: str | Path) -> dict[str, Any]:
+    """The spec's paths, absolute, after the driver-side checks (train.preflight); makes the out dir."""
     if not data_dirs:
         raise ConanError("no training data given (pass at least one dataset dir)")
     for data_dir in data_dirs:
@@ -101,9 +104,7 @@ def _spec(stage: str, config: TrainCommon, data_dirs: Sequence[str | Path], mode
     check_model_files(model_dir)
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    return {"stage": stage, "config": config.model_dump(mode="json"),
-            "data_dirs": [str(Path(d).resolve()) for d in data_dirs], "model_path": str(model_dir.resolve()),
-            "out_dir": str(out), "fault_injection": fault_injection}
+    return {"data_dirs": [Path(d).resolve() for d in data_dirs], "model_path": model_dir.resolve(), "out_dir": out}
 
 
 def worker_error_line(err: BaseException) -> str:
@@ -163,14 +164,14 @@ def default_workers(config: TrainCommon) -> int:
     return max(1, offered)
 
 
-def _run(spec: dict[str, Any], config: TrainCommon, workers: int | None, ray_address: str | None,
+def _run(spec: TrainSpec, workers: int | None, ray_address: str | None,
          progress_callback: ProgressCallback | None, storage_path: str | None,
          notice_callback: NoticeCallback | None = None) -> TrainResult:
     import torch
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    out = Path(spec["out_dir"])
+    config, out = spec.config, spec.out_dir
     use_gpu = torch.cuda.is_available()
     with ray_session(ray_address):
         count = workers or default_workers(config)
@@ -179,15 +180,15 @@ def _run(spec: dict[str, Any], config: TrainCommon, workers: int | None, ray_add
 
             assign_roles(config.layout, count)  # the layout's one check (LayoutError), here before Ray starts
         trainer = TorchTrainer(
-            train_loop, train_loop_config=spec,
+            train_loop, train_loop_config={"spec": spec},  # the typed spec, pickled by Ray as it is
             scaling_config=ScalingConfig(num_workers=count, use_gpu=use_gpu),
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             run_config=RunConfig(
-                name=spec["stage"], storage_path=storage_path or str(out / "checkpoints"),
+                name=spec.stage, storage_path=storage_path or str(out / "checkpoints"),
                 checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
                 failure_config=FailureConfig(max_failures=config.max_failures)))
         result = _fit_with_progress(trainer, out, progress_callback, notice_callback)
-    return _collect(spec, out, result)
+    return _collect(out, result)
 
 
 def _fit_with_progress(trainer: Any, out: Path, callback: ProgressCallback | None,
@@ -252,7 +253,7 @@ class _ProgressTail:
                 self.last_step = row["step"]
 
 
-def _collect(spec: dict[str, Any], out: Path, result: Any) -> TrainResult:
+def _collect(out: Path, result: Any) -> TrainResult:
     metrics_path = out / METRICS_FILE
     rows = read_metrics(metrics_path)
     final = {k: v for k, v in (rows[-1] if rows else {}).items() if k != "batch_ids"}
