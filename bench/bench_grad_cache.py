@@ -1,6 +1,6 @@
 """Gradient caching at large batches: peak RSS and seconds per step, plain step vs GradCache.
 
-One pretraining step as training runs it (`train_step` over a `PretrainTask`, one worker, as in
+One pretraining step as training runs it (`train_step` over a `PretrainWorkload`, one worker, as in
 bench_train_step.py) with the shipped model (all-MiniLM-L6-v2, fp32 on CPU), on pairs of random vocabulary
 words that fill 64 tokens, at batch 32, 128 and 512 pairs (queries and positives are two encode calls of
 `batch` texts each), plain vs `grad_cache_chunk` 32. Each configuration runs in a fresh subprocess; its
@@ -79,7 +79,7 @@ def run_child(batch: int, chunk: int | None, steps: int, warmup: int, model_dir:
     from conan_core.model import ConanEmbedder
     from conan_core.train.config import PretrainConfig
     from conan_core.train.loop import make_encoder, make_optimizer, train_step
-    from conan_core.train.tasks import PretrainTask
+    from conan_core.train.workload import PretrainWorkload
 
     model = ConanEmbedder.load(model_dir).float().to(device)
     model.train()
@@ -87,7 +87,7 @@ def run_child(batch: int, chunk: int | None, steps: int, warmup: int, model_dir:
     config = PretrainConfig(batch_size=batch, max_length=MAX_LEN, lr=2e-5, steps=steps + warmup,
                             log_every=1000, checkpoint_every=1000, grad_cache_chunk=chunk)
     encode = make_encoder(model, config, torch.device(device))
-    task = PretrainTask(config, [data], encode.bank, encode)
+    task = PretrainWorkload(config, [data], encode.bank, encode)
     optimizer = make_optimizer(model, config)
     before = rss_mb()
     times = []

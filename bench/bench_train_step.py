@@ -72,8 +72,8 @@ def bench_ours(pairs: list[tuple[str, str]], steps: int, warmup: int, model_dir:
     from conan_core.train.config import PretrainConfig
     from conan_core.train.data import TokenBank
     from conan_core.train.loop import make_optimizer, train_step
-    from conan_core.train.objective import Encoder
-    from conan_core.train.tasks import PretrainTask
+    from conan_core.train.objective import StepEncoder
+    from conan_core.train.workload import PretrainWorkload
 
     data = Path(tempfile.mkdtemp(prefix="bench-data-"))
     records = [make_record(kind="pair", query=q, positive=p, source="bench", lang="en") for q, p in pairs]
@@ -82,8 +82,8 @@ def bench_ours(pairs: list[tuple[str, str]], steps: int, warmup: int, model_dir:
     model.train()
     config = PretrainConfig(batch_size=BATCH, max_length=MAX_LEN, lr=2e-5, steps=steps + warmup,
                             log_every=1000, checkpoint_every=1000)  # ST logs nothing either
-    encode = Encoder(model, TokenBank(model.tokenizer, MAX_LEN), torch.device(device), bf16=device == "cuda")
-    task = PretrainTask(config, [data], encode.bank, encode)
+    encode = StepEncoder(model, TokenBank(model.tokenizer, MAX_LEN), torch.device(device), bf16=device == "cuda")
+    task = PretrainWorkload(config, [data], encode.bank, encode)
     optimizer = make_optimizer(model, config)
     enc_cfg = model.encoder.config
     times, flops = [], []

@@ -7,7 +7,7 @@ through the loop's `train_step`. Tolerance 1e-5 throughout.
 With dropout on, a plain step over the whole batch draws other masks than a forward split into chunks, so
 the multi-chunk comparisons are against the plain step whose forward is split into the same chunks
 (`ChunkedGraph`: one graph, one backward; the same RNG draws as GradCache's first pass). The one-chunk
-case and the dropout-free case are compared with the unmodified plain `Encoder`.
+case and the dropout-free case are compared with the unmodified plain `StepEncoder`.
 """
 
 from __future__ import annotations
@@ -37,12 +37,12 @@ from conan_core.train.loop import make_encoder, make_optimizer, train_step
 from conan_core.train.objective import (
     CbbShape,
     CbbWorkerBatch,
-    Encoder,
+    StepEncoder,
     average_gradients,
     cbb_objective,
     pretrain_objective,
 )
-from conan_core.train.tasks import FinetuneTask, PretrainTask
+from conan_core.train.workload import FinetuneWorkload, PretrainWorkload
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 DROPOUT, SEED = 0.1, 123
@@ -61,7 +61,7 @@ STS_PAIRS = (["a cat", "the dog", "new car", "old book"], ["a small cat", "a dog
 
 
 @dataclass
-class ChunkedGraph(Encoder):
+class ChunkedGraph(StepEncoder):
     """The plain step (one graph over the whole batch, one backward) with its forward split into chunks
     of `chunk` texts: the same dropout masks as GradCache's, so the reference when dropout is on."""
 
@@ -87,14 +87,14 @@ def _model(dropout: float = DROPOUT):
     return model
 
 
-def _encoder(model, chunk: int | None = None, reference_chunk: int | None = None) -> Encoder:
+def _encoder(model, chunk: int | None = None, reference_chunk: int | None = None) -> StepEncoder:
     bank = TokenBank(model.tokenizer, 32)
     if reference_chunk is not None:
         return ChunkedGraph(model, bank, torch.device("cpu"), chunk=reference_chunk)
-    return Encoder(model, bank, torch.device("cpu"), grad_cache_chunk=chunk)
+    return StepEncoder(model, bank, torch.device("cpu"), grad_cache_chunk=chunk)
 
 
-def _run(encode: Encoder, objective: Callable[[Encoder], tuple[torch.Tensor, dict]], seed: int = SEED) -> Step:
+def _run(encode: StepEncoder, objective: Callable[[StepEncoder], tuple[torch.Tensor, dict]], seed: int = SEED) -> Step:
     """One step's objective and backward from a fixed RNG state, the gradients averaged over workers."""
     torch.manual_seed(seed)
     loss, terms = objective(encode)
@@ -106,7 +106,7 @@ def _run(encode: Encoder, objective: Callable[[Encoder], tuple[torch.Tensor, dic
 
 
 def _pretrain(queries=QUERIES, positives=POSITIVES):
-    def objective(encode: Encoder):
+    def objective(encode: StepEncoder):
         return pretrain_objective(encode, queries, positives, temperature=0.05, matryoshka=MRL), {}
     return objective
 
@@ -121,7 +121,7 @@ def _cbb_batch(roles) -> CbbWorkerBatch:
 
 
 def _cbb(world: int = 1, rank: int = 0):
-    def objective(encode: Encoder):
+    def objective(encode: StepEncoder):
         roles = tuple(assign_roles(LAYOUT, world))
         shape = CbbShape(roles, B, N_PER_RANK, STS, encode.model.dim)
         out = cbb_objective(encode, _cbb_batch(roles[rank]), shape, temperature=0.05, beta=0.8, scale=20.0,
@@ -192,7 +192,7 @@ def test_cbb_step_equals_the_plain_step_with_dropout():
 @pytest.mark.parametrize("objective", [_pretrain(), _cbb()], ids=["pretrain", "cbb"])
 def test_one_chunk_per_call_is_exactly_the_unmodified_plain_step(objective):
     """A chunk at least as large as every encode call: the same batches and RNG draws as the plain
-    Encoder, so with dropout on it matches the unmodified plain step."""
+    StepEncoder, so with dropout on it matches the unmodified plain step."""
     want = _run(_encoder(_model()), objective)
     got = _run(_encoder(_model(), chunk=64), objective)
     _assert_same_step(got, want)
@@ -278,10 +278,10 @@ def test_two_gloo_workers_with_grad_cache_equal_one_plain_process():
 def _stage(stage: str, data: Path, chunk: int | None):
     if stage == "pretrain":
         config = PretrainConfig(batch_size=8, steps=2, lr=1e-3, grad_cache_chunk=chunk)
-        return config, lambda encode: PretrainTask(config, [data], encode.bank, encode)
+        return config, lambda encode: PretrainWorkload(config, [data], encode.bank, encode)
     config = FinetuneConfig(retrieval_batch=4, sts_batch=4, negatives_per_rank=2, steps=2, lr=1e-3,
                             grad_cache_chunk=chunk)
-    return config, lambda encode: FinetuneTask(config, [data], encode.bank, encode)
+    return config, lambda encode: FinetuneWorkload(config, [data], encode.bank, encode)
 
 
 @pytest.mark.parametrize("stage", ["pretrain", "finetune"])

@@ -18,7 +18,7 @@ from conan_core.testing import tiny_model
 from conan_core.train.batching import assign_roles
 from conan_core.train.config import LayoutConfig
 from conan_core.train.data import TokenBank
-from conan_core.train.objective import CbbShape, CbbWorkerBatch, Encoder, average_gradients, cbb_objective
+from conan_core.train.objective import CbbShape, CbbWorkerBatch, StepEncoder, average_gradients, cbb_objective
 
 LAYOUT = LayoutConfig(retrieval_group=2, sts_workers=1)
 B, N_PER_RANK, STS = 3, 2, 4
@@ -43,7 +43,7 @@ def _batch_for(roles) -> CbbWorkerBatch:
 def _objective(world: int, rank: int, share: bool = True, tasks=("retrieval", "sts"), neg_scores: bool = False):
     model = tiny_model(seed=0)
     roles = tuple(assign_roles(LAYOUT, world))
-    encode = Encoder(model, TokenBank(model.tokenizer, 32), torch.device("cpu"))
+    encode = StepEncoder(model, TokenBank(model.tokenizer, 32), torch.device("cpu"))
     shape = CbbShape(roles, B, N_PER_RANK, STS, model.dim)
     out = cbb_objective(encode, _batch_for(roles[rank]), shape, temperature=0.05, beta=0.8, scale=20.0,
                         in_batch=False, matryoshka=MRL, share_negatives=share, tasks=tasks,

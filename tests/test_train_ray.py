@@ -16,9 +16,9 @@ from conan_core.testing import tiny_model
 from conan_core.train.config import FinetuneConfig, LayoutConfig, PretrainConfig
 from conan_core.train.data import TokenBank
 from conan_core.train.metrics import read_metrics
-from conan_core.train.objective import Encoder
-from conan_core.train.tasks import FinetuneTask, PretrainTask
+from conan_core.train.objective import StepEncoder
 from conan_core.train.trainer import ray_session, run_finetune, run_pretrain
+from conan_core.train.workload import FinetuneWorkload, PretrainWorkload
 
 pytestmark = pytest.mark.slow
 
@@ -31,8 +31,8 @@ def ray_cluster():
 
 def _finetune_ids(config: FinetuneConfig, data: Path, steps: int) -> list[list[str]]:
     model = tiny_model()
-    encode = Encoder(model, TokenBank(model.tokenizer, config.max_length), torch.device("cpu"))
-    task = FinetuneTask(config, [data], encode.bank, encode)
+    encode = StepEncoder(model, TokenBank(model.tokenizer, config.max_length), torch.device("cpu"))
+    task = FinetuneWorkload(config, [data], encode.bank, encode)
     out = []
     for _ in range(steps):
         ids = [task.retrieval.ids[i] for i in task.streams["retrieval"].next()]
@@ -90,9 +90,9 @@ def test_pretrain_rerun_resumes_from_last_checkpoint(tmp_path: Path, ray_cluster
     rows = read_metrics(second.metrics_path)
     assert [r["step"] for r in rows] == list(range(1, 7))
     tiny = tiny_model()
-    encode = Encoder(tiny, TokenBank(tiny.tokenizer, config.max_length), torch.device("cpu"))
+    encode = StepEncoder(tiny, TokenBank(tiny.tokenizer, config.max_length), torch.device("cpu"))
     # the plan of 2 workers = one stream with a global batch of 2 * batch_size
-    reference = PretrainTask(config.model_copy(update={"batch_size": 8}), [a, b], encode.bank, encode)
+    reference = PretrainWorkload(config.model_copy(update={"batch_size": 8}), [a, b], encode.bank, encode)
     expected = [[reference.pairs.ids[i] for i in reference.streams["pairs"].next()] for _ in range(6)]
     assert [r["batch_ids"] for r in rows] == expected
     assert all(r["loss"] > 0 and r["tokens_per_s"] > 0 for r in rows)

@@ -12,12 +12,12 @@ import torch
 from conan_core.io.dataset import write_dataset
 from conan_core.schema import make_record, records_table
 from conan_core.testing import tiny_model
-from conan_core.train import tasks as tasks_module
+from conan_core.train import workload as workload_module
 from conan_core.train.config import FinetuneConfig, LayoutConfig, PretrainConfig
 from conan_core.train.data import TokenBank, classification_as_retrieval
 from conan_core.train.loop import make_optimizer, set_lr
-from conan_core.train.objective import Encoder
-from conan_core.train.tasks import FinetuneTask
+from conan_core.train.objective import StepEncoder
+from conan_core.train.workload import FinetuneWorkload
 
 
 def test_word_embeddings_get_their_own_lr_and_no_decay_on_embeddings_norms_biases():
@@ -59,11 +59,11 @@ def _finetune_data(path: Path) -> Path:
     return _write(path, records)
 
 
-def _task(data: Path, **config) -> FinetuneTask:
+def _task(data: Path, **config) -> FinetuneWorkload:
     model = tiny_model()
-    encode = Encoder(model, TokenBank(model.tokenizer, 32), torch.device("cpu"))
+    encode = StepEncoder(model, TokenBank(model.tokenizer, 32), torch.device("cpu"))
     cfg = FinetuneConfig(layout=LayoutConfig(retrieval_group=2, sts_workers=1), negatives_per_rank=2, **config)
-    return FinetuneTask(cfg, [data], encode.bank, encode)
+    return FinetuneWorkload(cfg, [data], encode.bank, encode)
 
 
 def test_every_sts_batch_comes_from_one_source(tmp_path: Path):
@@ -82,7 +82,7 @@ def test_short_negative_lists_are_masked_not_repeated(tmp_path: Path, monkeypatc
         seen["batch"] = batch
         raise StopIteration
 
-    monkeypatch.setattr(tasks_module, "cbb_objective", capture)
+    monkeypatch.setattr(workload_module, "cbb_objective", capture)
     with pytest.raises(StopIteration):
         task.step(1)
     batch = seen["batch"]
@@ -124,14 +124,14 @@ def test_training_uses_the_models_matryoshka_dims(tmp_path: Path):
     data = _finetune_data(tmp_path / "ft")
     for dims, want in ((None, ()), ([8, 32], (8, 32))):
         model = tiny_model(matryoshka_dims=dims)
-        encode = Encoder(model, TokenBank(model.tokenizer, 32), torch.device("cpu"))
+        encode = StepEncoder(model, TokenBank(model.tokenizer, 32), torch.device("cpu"))
         cfg = FinetuneConfig(layout=LayoutConfig(retrieval_group=2, sts_workers=1), negatives_per_rank=2,
                              retrieval_batch=4, sts_batch=8)
-        task = FinetuneTask(cfg, [data], encode.bank, encode)
+        task = FinetuneWorkload(cfg, [data], encode.bank, encode)
         assert task.matryoshka.dims == want
         pairs = _write(tmp_path / f"pairs{len(want)}", [
             make_record(kind="pair", query=f"q {i}", positive=f"p {i}", source="s", lang="en") for i in range(8)])
-        pretrain = tasks_module.PretrainTask(PretrainConfig(batch_size=4), [pairs], encode.bank, encode)
+        pretrain = workload_module.PretrainWorkload(PretrainConfig(batch_size=4), [pairs], encode.bank, encode)
         assert pretrain.matryoshka.dims == want
 
 

@@ -29,8 +29,8 @@ from conan_core.train.config import FinetuneConfig, LayoutConfig, PretrainConfig
 from conan_core.train.data import TokenBank, classification_as_retrieval, finetune_tasks
 from conan_core.train.loop import lr_at
 from conan_core.train.metrics import MetricsLog, plot_losses, read_metrics
-from conan_core.train.objective import Encoder
-from conan_core.train.tasks import FinetuneTask, PretrainTask
+from conan_core.train.objective import StepEncoder
+from conan_core.train.workload import FinetuneWorkload, PretrainWorkload
 
 
 def _stream(**kw) -> BatchStream:
@@ -116,8 +116,8 @@ def test_lr_schedule():
     assert 0 < lr_at(100, 100, cfg) < lr_at(50, 100, cfg) < 1.0
 
 
-def _encoder(model) -> Encoder:
-    return Encoder(model, TokenBank(model.tokenizer, 32), torch.device("cpu"))
+def _encoder(model) -> StepEncoder:
+    return StepEncoder(model, TokenBank(model.tokenizer, 32), torch.device("cpu"))
 
 
 def test_pretrain_task_steps_through_weighted_sources(tmp_path: Path):
@@ -125,12 +125,12 @@ def test_pretrain_task_steps_through_weighted_sources(tmp_path: Path):
     b = write_pairs(tmp_path / "b", 10, "srcB")
     model = tiny_model()
     cfg = PretrainConfig(batch_size=4, source_weights={"srcB": 0.5}, one_source_per_step=True)
-    task = PretrainTask(cfg, [a, b], _encoder(model).bank, _encoder(model))
+    task = PretrainWorkload(cfg, [a, b], _encoder(model).bank, _encoder(model))
     result = task.step(1)
     result.objective.backward()
     assert torch.isfinite(result.objective) and len(result.batch_ids) == 4
     with pytest.raises(TrainDataError, match="not in the data"):
-        PretrainTask(PretrainConfig(source_weights={"nope": 1.0}), [a], _encoder(model).bank, _encoder(model))
+        PretrainWorkload(PretrainConfig(source_weights={"nope": 1.0}), [a], _encoder(model).bank, _encoder(model))
 
 
 def test_finetune_task_with_dhnm_and_vanilla(tmp_path: Path):
@@ -141,7 +141,7 @@ def test_finetune_task_with_dhnm_and_vanilla(tmp_path: Path):
     cfg = FinetuneConfig(layout=LayoutConfig(retrieval_group=2, sts_workers=1), negatives_per_rank=2,
                          retrieval_batch=3, sts_batch=4)
     dyn = DynamicNegatives(CandidateLists.load(cands), 4, DHNMConfig(check_every=2))
-    task = FinetuneTask(cfg, [data], encode.bank, encode, dyn=dyn)
+    task = FinetuneWorkload(cfg, [data], encode.bank, encode, dyn=dyn)
     checks = []
     for step in (1, 2):
         result = task.step(step)
@@ -152,7 +152,7 @@ def test_finetune_task_with_dhnm_and_vanilla(tmp_path: Path):
     assert checks[0] == {} and "dhnm_stale_fraction" in checks[1]
     state = task.state_dict()
     assert state["queries"] and all(s["current"][0] is not None for s in state["queries"].values())
-    vanilla = FinetuneTask(cfg.model_copy(update={"mode": "vanilla"}), [data], encode.bank, encode)
+    vanilla = FinetuneWorkload(cfg.model_copy(update={"mode": "vanilla"}), [data], encode.bank, encode)
     picked = [vanilla.tasks_for(step) for step in range(1, 30)]
     assert set(picked) == {("retrieval",), ("sts",)}
     assert picked == [vanilla.tasks_for(step) for step in range(1, 30)]  # same draw on every worker
@@ -164,7 +164,7 @@ def test_finetune_task_needs_sts_data_for_an_sts_rank(tmp_path: Path):
     data = write_finetune(tmp_path / "d", 5, 0)
     model = tiny_model()
     with pytest.raises(TrainDataError, match="sts_workers: 0"):
-        FinetuneTask(FinetuneConfig(), [data], _encoder(model).bank, _encoder(model))
+        FinetuneWorkload(FinetuneConfig(), [data], _encoder(model).bank, _encoder(model))
 
 
 def test_checkpoint_roundtrip(tmp_path: Path):

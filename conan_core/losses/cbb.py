@@ -197,29 +197,29 @@ def distributed_cbb_loss(emb: CbbEmbeddings, shape: CbbShape, *, temperature: fl
     if beta < 0:
         raise LossInputError(f"beta must be >= 0, got {beta}")
     info = world_info()
-    mine = shape.roles[info.rank]
+    own_roles = shape.roles[info.rank]
     use_ret, use_sts = "retrieval" in tasks, "sts" in tasks
-    if use_ret and mine.retrieval_ranks and (emb.q is None or emb.p is None or emb.negs is None):
+    if use_ret and own_roles.retrieval_ranks and (emb.q is None or emb.p is None or emb.negs is None):
         raise LossInputError(f"worker {info.rank} hosts retrieval ranks: q, p and negs are required")
-    if use_sts and mine.sts_ranks and (emb.sts_a is None or emb.sts_b is None or emb.sts_scores is None):
+    if use_sts and own_roles.sts_ranks and (emb.sts_a is None or emb.sts_b is None or emb.sts_scores is None):
         raise LossInputError(f"worker {info.rank} hosts STS ranks: sts_a, sts_b and sts_scores are required")
     rows, n, dim = shape.retrieval_batch, shape.negatives_per_rank, shape.dim
     # One gather per step for everything shared: a single collective keeps every worker's backward
     # (a reduce-scatter) in the same order, whatever each worker computed.
     segments = []
     if use_ret and share_negatives:
-        segments.append(Segment(emb.negs if mine.retrieval_ranks else None,
+        segments.append(Segment(emb.negs if own_roles.retrieval_ranks else None,
                                 tuple(r.retrieval_ranks for r in shape.roles), rows * n))
     sts_blocks = tuple(r.sts_ranks for r in shape.roles)
     if use_sts:
-        local = bool(mine.sts_ranks)
+        local = bool(own_roles.sts_ranks)
         segments += [Segment(emb.sts_a if local else None, sts_blocks, shape.sts_batch),
                      Segment(emb.sts_b if local else None, sts_blocks, shape.sts_batch)]
     gathered, keep_alive = gather_segments(segments, dim, _device(emb))
     out = CbbTerms(keep_alive, None, None, None)
     if use_ret and share_negatives:
         all_negs = gathered.pop(0)
-        if mine.retrieval_ranks:
+        if own_roles.retrieval_ranks:
             all_negs = _per_query(all_negs, rows, n, dim)
             loss = retrieval_term(emb.q, emb.p, all_negs, temperature=temperature, in_batch=in_batch,
                                   neg_mask=emb.neg_mask, matryoshka=matryoshka)
@@ -228,7 +228,7 @@ def distributed_cbb_loss(emb: CbbEmbeddings, shape: CbbShape, *, temperature: fl
             out.retrieval_loss = loss.detach()
             out.neg_scores = _masked_nan(query_negative_scores(emb.q, all_negs).detach(), emb.neg_mask)
     elif use_ret:
-        out.retrieval_loss, term = _vanilla_retrieval(emb, shape, mine, temperature=temperature,
+        out.retrieval_loss, term = _vanilla_retrieval(emb, shape, own_roles, temperature=temperature,
                                                       in_batch=in_batch, matryoshka=matryoshka)
         if term is not None:
             out.objective = out.objective + info.size * term
@@ -236,9 +236,9 @@ def distributed_cbb_loss(emb: CbbEmbeddings, shape: CbbShape, *, temperature: fl
             out.neg_scores = _masked_nan(_vanilla_negative_scores(emb, shape), emb.neg_mask)
     if use_sts:
         all_a, all_b = gathered
-        scores = Segment(emb.sts_scores if mine.sts_ranks else None, sts_blocks, shape.sts_batch)
+        scores = Segment(emb.sts_scores if own_roles.sts_ranks else None, sts_blocks, shape.sts_batch)
         all_scores = gather_segments([scores], None, _device(emb), grad=False)[0][0]
-        if mine.sts_ranks:
+        if own_roles.sts_ranks:
             loss = sts_term(all_a, all_b, all_scores, scale=scale, matryoshka=matryoshka)
             hosts = sum(1 for r in shape.roles if r.sts_ranks)
             out.objective = out.objective + (beta if use_ret else 1.0) * info.size / hosts * loss
@@ -278,17 +278,17 @@ def _vanilla_negative_scores(emb: CbbEmbeddings, shape: CbbShape) -> torch.Tenso
     return query_negative_scores(emb.q.detach(), _per_query(all_negs, rows, n, dim))
 
 
-def _vanilla_retrieval(emb: CbbEmbeddings, shape: CbbShape, mine: WorkerRoles, *, temperature: float,
+def _vanilla_retrieval(emb: CbbEmbeddings, shape: CbbShape, own_roles: WorkerRoles, *, temperature: float,
                        in_batch: bool, matryoshka: MatryoshkaLoss | None
                        ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Vanilla: L_ret = (1/G) sum_g InfoNCE(q, p, negatives of rank g only); no gather.
     Returns (the global L_ret detached on workers with retrieval ranks, this worker's share)."""
     n, rows = shape.negatives_per_rank, shape.retrieval_batch
     term = None
-    if mine.retrieval_ranks and emb.negs is not None:
-        per_rank = emb.negs.view(len(mine.retrieval_ranks), rows, n, -1)
+    if own_roles.retrieval_ranks and emb.negs is not None:
+        per_rank = emb.negs.view(len(own_roles.retrieval_ranks), rows, n, -1)
         mask = emb.neg_mask
-        masks = [mask[:, g * n:(g + 1) * n] if mask is not None else None for g in mine.retrieval_ranks]
+        masks = [mask[:, g * n:(g + 1) * n] if mask is not None else None for g in own_roles.retrieval_ranks]
         losses = [retrieval_term(emb.q, emb.p, part, temperature=temperature, in_batch=in_batch,
                                  neg_mask=part_mask, matryoshka=matryoshka)
                   for part, part_mask in zip(per_rank, masks, strict=True)]

@@ -23,7 +23,9 @@ from conan_core.mining.corpus import ShardRef, cache_path, default_cache_dir, lo
 from conan_core.mining.index import build_index, configure_faiss, search
 
 
-class Encoder(Protocol):
+class EmbeddingModel(Protocol):
+    """What mining needs of a model: text in, normalised vectors out, and a fingerprint for the cache."""
+
     def encode(self, texts: Sequence[str], batch_size: int = 64, normalize: bool = True) -> np.ndarray: ...
 
     def fingerprint(self) -> str: ...
@@ -35,13 +37,14 @@ class ModelEncoderFactory:
     def __init__(self, model_path: str | Path) -> None:
         self.model_path = str(model_path)
 
-    def __call__(self) -> Encoder:
+    def __call__(self) -> EmbeddingModel:
         from conan_core.model import ConanEmbedder
 
         return ConanEmbedder.load(self.model_path)
 
 
-def encoder_factory_for(model_path: str | Path, given: Callable[[], Encoder] | None) -> Callable[[], Encoder]:
+def encoder_factory_for(model_path: str | Path,
+                        given: Callable[[], EmbeddingModel] | None) -> Callable[[], EmbeddingModel]:
     """The given factory, or the model dir's after a cheap check here (an actor's failure is less clear)."""
     if given is not None:
         return given
@@ -53,7 +56,7 @@ def encoder_factory_for(model_path: str | Path, given: Callable[[], Encoder] | N
 class ShardWorker:
     """Body of one mining actor: the encoder, and at most one shard's vectors + index at a time."""
 
-    def __init__(self, encoder_factory: Callable[[], Encoder], config: MiningConfig, threads: int) -> None:
+    def __init__(self, encoder_factory: Callable[[], EmbeddingModel], config: MiningConfig, threads: int) -> None:
         import torch
 
         torch.set_num_threads(max(1, threads))

@@ -18,7 +18,7 @@ import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
 from conan_core.errors import ConanError
-from conan_core.mining.actor import Encoder, ShardActor
+from conan_core.mining.actor import EmbeddingModel, ShardActor
 from conan_core.mining.config import MiningConfig
 from conan_core.mining.corpus import ShardRef
 from conan_core.mining.index import merge_topk
@@ -33,7 +33,7 @@ class MiningActorError(ConanError):
 class MiningPool:
     """`size` mining actors; encode() splits texts over them, search() fans queries out to every shard."""
 
-    def __init__(self, encoder_factory: Callable[[], Encoder], config: MiningConfig, size: int) -> None:
+    def __init__(self, encoder_factory: Callable[[], EmbeddingModel], config: MiningConfig, size: int) -> None:
         self._factory = encoder_factory
         self._config = config
         self.size = max(1, size)

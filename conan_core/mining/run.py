@@ -16,7 +16,7 @@ import numpy as np
 
 from conan_core.errors import ConanError
 from conan_core.io.dataset import read_dataset, read_manifest
-from conan_core.mining.actor import Encoder, encoder_factory_for
+from conan_core.mining.actor import EmbeddingModel, encoder_factory_for
 from conan_core.mining.candidates import CandidateLists, QueryCandidates, write_candidates
 from conan_core.mining.config import MiningConfig
 from conan_core.mining.corpus import ShardRef, corpus_texts, shard_refs, write_corpus
@@ -94,7 +94,7 @@ def query_records(records_table: Any, config: MiningConfig) -> dict[str, QueryCa
 
 
 def run_mine(model_path: str | Path, data_dir: str | Path, out_dir: str | Path, config: MiningConfig, *,
-             corpus_dir: str | Path | None = None, encoder_factory: Callable[[], Encoder] | None = None) -> dict:
+             corpus_dir: str | Path | None = None, encoder_factory: Callable[[], EmbeddingModel] | None = None) -> dict:
     """Initial mining: candidate lists for every query record of `data_dir`, written to `out_dir`.
 
     The corpus (every positive/negative text of `corpus_dir`, default `data_dir`) is written as a sharded
@@ -126,7 +126,7 @@ def run_mine(model_path: str | Path, data_dir: str | Path, out_dir: str | Path, 
 
 def remine(model_path: str | Path, candidates: str | Path | CandidateLists, query_ids: Sequence[str] | None = None,
            *, config: MiningConfig | None = None, out_dir: str | Path | None = None,
-           encoder_factory: Callable[[], Encoder] | None = None) -> CandidateLists:
+           encoder_factory: Callable[[], EmbeddingModel] | None = None) -> CandidateLists:
     """Re-mine the candidate lists of `query_ids` (None: all) with the checkpoint at `model_path`.
 
     The corpus is re-encoded with that checkpoint unless its embeddings are cached for

@@ -146,9 +146,9 @@ def assign_roles(layout: LayoutConfig, world_size: int) -> list[WorkerRoles]:
                           "use fewer workers or a bigger layout")
     roles = []
     for worker in range(world_size):
-        mine = logical[worker::world_size]
-        roles.append(WorkerRoles(tuple(i for kind, i in mine if kind == "r"),
-                                 tuple(i for kind, i in mine if kind == "s")))
+        hosted = logical[worker::world_size]
+        roles.append(WorkerRoles(tuple(i for kind, i in hosted if kind == "r"),
+                                 tuple(i for kind, i in hosted if kind == "s")))
     return roles
 
 

@@ -1,6 +1,6 @@
 """The Ray Train worker loop shared by pretraining and finetuning.
 
-Each step: the task hands this worker its share of the global batch and its objective; one backward (or,
+Each step: the workload hands this worker its share of the global batch and its objective; one backward (or,
 with `grad_cache_chunk`, GradCache's chunked one: `train.grad_cache`); gradients averaged over workers
 (one flat all-reduce); clipping; AdamW; the LR from a pure function of the step. Rank 0 appends metrics
 to `<out>/metrics.jsonl` (the driver tails it for progress) and, on the steps `CheckpointSchedule` picks
@@ -40,9 +40,9 @@ from conan_core.train.checkpoint import (
 from conan_core.train.config import TrainCommon
 from conan_core.train.data import TokenBank
 from conan_core.train.metrics import MetricsLog, _truncate_after, record_start
-from conan_core.train.objective import Encoder, average_gradients
+from conan_core.train.objective import StepEncoder, average_gradients
 from conan_core.train.spec import FaultInjection, TrainSpec
-from conan_core.train.tasks import FinetuneTask, PretrainTask
+from conan_core.train.workload import FinetuneWorkload, PretrainWorkload, Workload
 
 FINAL_MODEL_DIR = "model"
 HARDNESS_FILE = "hardness.jsonl"
@@ -129,10 +129,10 @@ def train_loop(loop_config: dict[str, TrainSpec]) -> None:
     model.train()
     optimizer = make_optimizer(model, config)
     encode = make_encoder(model, config, device)
-    task = _build_task(spec, encode, world.rank)
-    total = total_steps(config, task.steps_per_epoch())
-    task.last_step = total
-    start, restored_from = _restore(model, optimizer, task, out_dir, world.rank)
+    workload = _build_workload(spec, encode, world.rank)
+    total = total_steps(config, workload.steps_per_epoch())
+    workload.last_step = total
+    start, restored_from = _restore(model, optimizer, workload, out_dir, world.rank)
     schedule = CheckpointSchedule(config.checkpoint_every, config.checkpoint_every_s, total, device=device)
     # train_step reads its metrics on checkpoint steps: those of the effective interval.
     step_config = config.model_copy(update={"checkpoint_every": schedule.interval})
@@ -142,34 +142,34 @@ def train_loop(loop_config: dict[str, TrainSpec]) -> None:
                      schedule=schedule.describe())
     try:
         for step in range(start + 1, total + 1):
-            metrics = train_step(step, total, step_config, model, optimizer, task, encode)
+            metrics = train_step(step, total, step_config, model, optimizer, workload, encode)
             _maybe_crash(spec.fault_injection, step, world.rank)
             if log is not None and metrics is not None:
                 log.write(metrics)
             if schedule.due(step, timed=metrics is not None):
-                _report_checkpoint(step, model, optimizer, task,
+                _report_checkpoint(step, model, optimizer, workload,
                                    metrics if metrics is not None else {"step": step, "total_steps": total})
                 schedule.done()
     finally:
         if log is not None:
             log.close()
     if world.rank == 0:
-        model.save(out_dir / FINAL_MODEL_DIR, card=_card(spec, total, world.size, task))
+        model.save(out_dir / FINAL_MODEL_DIR, card=_card(spec, total, world.size, workload))
 
 
-def make_encoder(model: torch.nn.Module, config: TrainCommon, device: torch.device) -> Encoder:
+def make_encoder(model: torch.nn.Module, config: TrainCommon, device: torch.device) -> StepEncoder:
     """The step's encoder: the config's max length, bf16 on GPU only, gradient caching when configured."""
-    return Encoder(model, TokenBank(model.tokenizer, config.max_length), device,
+    return StepEncoder(model, TokenBank(model.tokenizer, config.max_length), device,
                    bf16=config.bf16 and device.type == "cuda", grad_cache_chunk=config.grad_cache_chunk)
 
 
-def _build_task(spec: TrainSpec, encode: Encoder, rank: int):
+def _build_workload(spec: TrainSpec, encode: StepEncoder, rank: int) -> Workload:
     if spec.stage == "pretrain":
-        return PretrainTask(spec.config, spec.data_dirs, encode.bank, encode)
+        return PretrainWorkload(spec.config, spec.data_dirs, encode.bank, encode)
     dyn = _dynamic_negatives(spec, rank)
     mining = spec.mining_config if dyn is not None else None
     remine_dir = spec.out_dir if mining and mining.dhnm.remine_between_epochs != "off" else None
-    return FinetuneTask(spec.config, spec.data_dirs, encode.bank, encode, dyn=dyn, mining=mining,
+    return FinetuneWorkload(spec.config, spec.data_dirs, encode.bank, encode, dyn=dyn, mining=mining,
                         out_dir=remine_dir)
 
 
@@ -188,7 +188,7 @@ def _dynamic_negatives(spec: TrainSpec, rank: int):
                             metrics_path=metrics)
 
 
-def _restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, task, out_dir: Path,
+def _restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, workload: Workload, out_dir: Path,
              rank: int) -> tuple[int, str | None]:
     """Continue from Ray Train's latest checkpoint of this run, if any; returns the last finished step and
     where the checkpoint is (None: starting fresh)."""
@@ -199,19 +199,19 @@ def _restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, task, out
         return 0, None
     with checkpoint.as_directory() as directory:
         state = load_checkpoint(Path(directory), model, optimizer)
-    for name, stream in task.streams.items():
+    for name, stream in workload.streams.items():
         if name in state.streams:
             stream.load_state_dict(state.streams[name])
     if len(state.rng) == world_info().size:
         set_rng_state(state.rng[rank])
-    task.load_state_dict(state.dhnm)
+    workload.load_state_dict(state.dhnm)
     if rank == 0:
         _truncate_after(out_dir / HARDNESS_FILE, state.step)
     return state.step, str(checkpoint.path)
 
 
 def train_step(step: int, total: int, config: TrainCommon, model: torch.nn.Module,
-                optimizer: torch.optim.Optimizer, task, encode: Encoder) -> dict[str, Any] | None:
+                optimizer: torch.optim.Optimizer, workload: Workload, encode: StepEncoder) -> dict[str, Any] | None:
     """One optimizer step; its metrics on log and checkpoint steps (None otherwise: reading them means
     a device sync and a collective)."""
     started = time.perf_counter()
@@ -219,13 +219,13 @@ def train_step(step: int, total: int, config: TrainCommon, model: torch.nn.Modul
     lr = lr_at(step, total, config)
     set_lr(optimizer, lr)
     optimizer.zero_grad(set_to_none=True)
-    result = task.step(step)
+    result = workload.step(step)
     encode.backward(result.objective)  # one backward, or GradCache's chunked one
     params = [p for p in model.parameters() if p.requires_grad]
     average_gradients(params)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip or float("inf"))
     optimizer.step()
-    extra = task.after_step(step, result)
+    extra = workload.after_step(step, result)
     if step % config.log_every and step % config.checkpoint_every and step != total:
         return None
     sums = _global_sums(result, encode.tokens - tokens_before, encode.device)
@@ -263,7 +263,7 @@ def _global_sums(result, tokens: int, device: torch.device) -> dict[str, Any]:
     return {"loss": float(packed[0]) / size, "tokens": float(packed[1]), "tasks": tasks}
 
 
-def _report_checkpoint(step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, task,
+def _report_checkpoint(step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, workload: Workload,
                        metrics: dict[str, Any]) -> None:
     """Every worker reports (Ray Train needs all of them); rank 0 attaches the checkpoint, holding the
     RNG states of all workers. Returns once Ray Train's controller has taken the report."""
@@ -279,8 +279,8 @@ def _report_checkpoint(step: int, model: torch.nn.Module, optimizer: torch.optim
     if world.rank != 0:
         ray.train.report(report)
     else:
-        state = TrainState(step=step, streams={n: s.state_dict() for n, s in task.streams.items()}, rng=states,
-                           dhnm=task.state_dict())
+        state = TrainState(step=step, streams={n: s.state_dict() for n, s in workload.streams.items()}, rng=states,
+                           dhnm=workload.state_dict())
         with tempfile.TemporaryDirectory() as tmp:
             save_checkpoint(Path(tmp), model, optimizer, state)
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
@@ -298,15 +298,15 @@ def _maybe_crash(fault: FaultInjection | None, step: int, rank: int) -> None:
     os._exit(1)
 
 
-def _card(spec: TrainSpec, steps: int, workers: int, task) -> dict[str, Any]:
+def _card(spec: TrainSpec, steps: int, workers: int, workload: Workload) -> dict[str, Any]:
     stage, config = spec.stage, spec.config
     losses = ("in-batch InfoNCE over the global batch (Eq. 1)" if stage == "pretrain" else
               "CBB: InfoNCE with group negatives + beta*CoSENT (Eq. 3)" if config.mode == "cbb" else
               "vanilla: one task per step (InfoNCE or CoSENT)")
     card = {"stage": stage, "data": [str(d) for d in spec.data_dirs], "losses": losses, "steps": steps,
-            "workers": workers, "lr": config.lr, "examples": task.counts}
-    if task.matryoshka.dims:
-        card["matryoshka_dims"] = list(task.matryoshka.dims)
+            "workers": workers, "lr": config.lr, "examples": workload.counts}
+    if workload.matryoshka.dims:
+        card["matryoshka_dims"] = list(workload.matryoshka.dims)
     if stage == "finetune":
         card["layout"] = config.layout.model_dump()
         card["dhnm"] = bool(spec.candidates_dir and config.dhnm)

@@ -4,8 +4,8 @@ Pretraining: in-batch InfoNCE over the global batch (`losses.infonce.distributed
 Finetuning: the CBB loss of `losses.cbb.distributed_cbb_loss` (its docstring has the layout and the
 scaling that makes the workers' averaged gradient the gradient of the global loss). Gradients are
 averaged over workers after backward (`average_gradients`, what DDP does). Both stages run the same way
-under gradient caching (`Encoder.grad_cache_chunk`, `train.grad_cache`): the objectives only see
-embeddings, and `Encoder.backward` does the chunked back-propagation.
+under gradient caching (`StepEncoder.grad_cache_chunk`, `train.grad_cache`): the objectives only see
+embeddings, and `StepEncoder.backward` does the chunked back-propagation.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from conan_core.train.grad_cache import GradCache
 
 
 @dataclass
-class Encoder:
+class StepEncoder:
     """Runs the model on token batches: moves them to the device, bf16 autocast on GPU, float32 out.
 
     grad_cache_chunk set: gradient caching (`train.grad_cache`): a call returns embeddings computed in
@@ -72,7 +72,7 @@ class Encoder:
             objective.backward()
 
 
-def pretrain_objective(encode: Encoder, queries: Sequence[str], positives: Sequence[str], *,
+def pretrain_objective(encode: StepEncoder, queries: Sequence[str], positives: Sequence[str], *,
                        temperature: float, matryoshka: MatryoshkaLoss) -> torch.Tensor:
     """In-batch InfoNCE of this worker's queries against the positives of all workers (Eq. 1);
     scale 1 under gradient averaging (see `distributed_in_batch_infonce`)."""
@@ -99,22 +99,22 @@ class CbbWorkerBatch:
     sts: dict[int, tuple[list[str], list[str], list[float]]] = field(default_factory=dict)
 
 
-def cbb_objective(encode: Encoder, batch: CbbWorkerBatch, shape: CbbShape, *, temperature: float,
+def cbb_objective(encode: StepEncoder, batch: CbbWorkerBatch, shape: CbbShape, *, temperature: float,
                   beta: float, scale: float, in_batch: bool, matryoshka: MatryoshkaLoss,
                   tasks: tuple[str, ...] = ("retrieval", "sts"), share_negatives: bool = True,
                   neg_scores: bool = False) -> CbbTerms:
     """Encode what this worker hosts (only the terms of `tasks`), then `distributed_cbb_loss` (same flags)."""
-    mine = shape.roles[world_info().rank]
+    own_roles = shape.roles[world_info().rank]
     emb = CbbEmbeddings(neg_mask=batch.neg_mask)
-    if "retrieval" in tasks and mine.retrieval_ranks:
+    if "retrieval" in tasks and own_roles.retrieval_ranks:
         emb.q = F.normalize(encode(batch.queries), dim=-1)
         emb.p = F.normalize(encode(batch.positives), dim=-1)
-        emb.negs = F.normalize(encode([t for g in mine.retrieval_ranks for row in batch.negatives[g]
+        emb.negs = F.normalize(encode([t for g in own_roles.retrieval_ranks for row in batch.negatives[g]
                                        for t in row]), dim=-1)
-    if "sts" in tasks and mine.sts_ranks:
-        emb.sts_a = F.normalize(encode([t for s in mine.sts_ranks for t in batch.sts[s][0]]), dim=-1)
-        emb.sts_b = F.normalize(encode([t for s in mine.sts_ranks for t in batch.sts[s][1]]), dim=-1)
-        emb.sts_scores = torch.tensor([x for s in mine.sts_ranks for x in batch.sts[s][2]],
+    if "sts" in tasks and own_roles.sts_ranks:
+        emb.sts_a = F.normalize(encode([t for s in own_roles.sts_ranks for t in batch.sts[s][0]]), dim=-1)
+        emb.sts_b = F.normalize(encode([t for s in own_roles.sts_ranks for t in batch.sts[s][1]]), dim=-1)
+        emb.sts_scores = torch.tensor([x for s in own_roles.sts_ranks for x in batch.sts[s][2]],
                                       dtype=torch.float32, device=encode.device)
     return distributed_cbb_loss(emb, shape, temperature=temperature, beta=beta, scale=scale,
                                 in_batch=in_batch, matryoshka=matryoshka, tasks=tasks,

@@ -1,8 +1,9 @@
-"""The two training stages as step producers: each builds its data once, hands every worker its share of
+"""The two training stages' workloads (step producers; not called tasks: in this project a task is a
+Prefect task, or retrieval / STS): each builds its data once, hands every worker its share of
 the next global batch, and computes the worker's objective. `loop.py` runs them the same way.
 
-`PretrainTask`: a global batch of `batch_size * workers` pairs per step (one stream over all sources,
-mixed by weight); worker r takes slice r. `FinetuneTask`: per step one retrieval batch (shared by the
+`PretrainWorkload`: a global batch of `batch_size * workers` pairs per step (one stream over all sources,
+mixed by weight); worker r takes slice r. `FinetuneWorkload`: per step one retrieval batch (shared by the
 retrieval group, each group rank with its own slice of every query's negatives) and one STS batch per
 STS rank, or one task only in `vanilla` mode. Dynamic hard negatives (DHNM) plug in through
 `DynamicNegatives`: each query's current negatives come from it, and the forward pass's cosines go back.
@@ -31,7 +32,7 @@ from conan_core.train.batching import (
 )
 from conan_core.train.config import FinetuneConfig, PretrainConfig
 from conan_core.train.data import TokenBank, finetune_tasks, load_records, pretrain_pairs
-from conan_core.train.objective import CbbWorkerBatch, Encoder, cbb_objective, pretrain_objective
+from conan_core.train.objective import CbbWorkerBatch, StepEncoder, cbb_objective, pretrain_objective
 
 
 @dataclass
@@ -59,11 +60,11 @@ def _source_weights(sources: Sequence[str], weights: dict[str, float]) -> tuple[
     return names, [weights.get(name, counts[name] / total) for name in names]
 
 
-class PretrainTask:
+class PretrainWorkload:
     stream_names = ("pairs",)
 
     def __init__(self, config: PretrainConfig, data_dirs: Sequence[str | Path], bank: TokenBank,
-                 encode: Encoder) -> None:
+                 encode: StepEncoder) -> None:
         self.config, self.encode = config, encode
         self.world = world_info()
         self.pairs = pretrain_pairs(load_records(data_dirs))
@@ -84,9 +85,9 @@ class PretrainTask:
 
     def step(self, step: int) -> StepResult:
         batch = self.streams["pairs"].next()
-        mine = rank_slice(batch, self.world.rank, self.config.batch_size)
-        loss = pretrain_objective(self.encode, [self.pairs.queries[i] for i in mine],
-                                  [self.pairs.positives[i] for i in mine],
+        own_rows = rank_slice(batch, self.world.rank, self.config.batch_size)
+        loss = pretrain_objective(self.encode, [self.pairs.queries[i] for i in own_rows],
+                                  [self.pairs.positives[i] for i in own_rows],
                                   temperature=self.config.temperature, matryoshka=self.matryoshka)
         return StepResult(loss, {"loss_pairs": loss.detach()}, len(batch), [self.pairs.ids[i] for i in batch])
 
@@ -100,11 +101,11 @@ class PretrainTask:
         return None
 
 
-class FinetuneTask:
+class FinetuneWorkload:
     stream_names = ("retrieval", "sts")
 
     def __init__(self, config: FinetuneConfig, data_dirs: Sequence[str | Path], bank: TokenBank,
-                 encode: Encoder, *, dyn: Any = None, mining: Any = None, out_dir: Path | None = None) -> None:
+                 encode: StepEncoder, *, dyn: Any = None, mining: Any = None, out_dir: Path | None = None) -> None:
         self.config, self.encode, self.dyn = config, encode, dyn
         self.mining, self.out_dir = mining, out_dir  # for the between-epoch re-mine (rank 0 writes there)
         self.last_step = 2**62  # the loop sets the run's total: no re-mine after the last step
@@ -168,14 +169,14 @@ class FinetuneTask:
 
     def step(self, step: int) -> StepResult:
         tasks = self.tasks_for(step)
-        mine = self.roles[self.world.rank]
+        own_roles = self.roles[self.world.rank]
         batch, ids, pairs = CbbWorkerBatch(), [], 0
         query_index = None
         if "retrieval" in tasks:
             query_index = self.streams["retrieval"].next()
             ids += [self.retrieval.ids[i] for i in query_index]
             pairs += len(query_index)
-            if mine.retrieval_ranks:
+            if own_roles.retrieval_ranks:
                 batch.queries = [self.retrieval.queries[i] for i in query_index]
                 batch.positives = [self.retrieval.positives[i] for i in query_index]
                 lists = [self._negatives_of(i) for i in query_index]
@@ -183,7 +184,7 @@ class FinetuneTask:
                          for g in range(self.config.layout.retrieval_group)}
                 # An empty slot is encoded as "" (shapes must match across workers) and masked in the loss.
                 batch.negatives = {g: [[t if t is not None else "" for t in row] for row in slots[g]]
-                                   for g in mine.retrieval_ranks}
+                                   for g in own_roles.retrieval_ranks}
                 batch.neg_mask = torch.tensor(
                     [[t is None for g in sorted(slots) for t in slots[g][row]] for row in range(len(lists))],
                     dtype=torch.bool, device=self.encode.device)
@@ -191,7 +192,7 @@ class FinetuneTask:
             sts_index = self.streams["sts"].next()
             ids += [self.sts.ids[i] for i in sts_index]
             pairs += len(sts_index)
-            for s in mine.sts_ranks:
+            for s in own_roles.sts_ranks:
                 part = rank_slice(sts_index, s, self.config.sts_batch)
                 batch.sts[s] = ([self.sts.first[i] for i in part], [self.sts.second[i] for i in part],
                                 [self.sts.scores[i] for i in part])
@@ -275,3 +276,6 @@ def _fill_missing_negatives(negatives: list[list[str]], positives: list[str], co
 def model_matryoshka_dims(model: object) -> list[int] | None:
     """The Matryoshka dims of the model being trained (its conan config owns them); None: plain loss."""
     return getattr(getattr(model, "config", None), "matryoshka_dims", None)
+
+
+Workload = PretrainWorkload | FinetuneWorkload
