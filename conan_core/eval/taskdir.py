@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from conan_core.eval.data import ClassificationData, LabelledTexts, PairData, RetrievalData
 from conan_core.eval.readers import (
@@ -32,10 +33,11 @@ from conan_core.eval.readers import (
     require_text,
 )
 from conan_core.eval.spec import LANG_CODES, TASK_TYPES, TaskSpec
+from conan_core.io import beir
 
 TASK_FILE = "task.json"
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-_QREL_COLUMNS = ("query-id", "corpus-id", "score")
+_T = TypeVar("_T")
 
 
 # ---- pairs, labelled texts --------------------------------------------------------------------------
@@ -84,22 +86,29 @@ def check_classification(train_path: Path, test_path: Path, data: Classification
 
 
 # ---- retrieval (BEIR) ---------------------------------------------------------------------------------
+# The format is conan_core.io.beir's. Eval's policy (unlike ingest, conan_core.io.readers): the first bad
+# row fails the task, a repeated _id is an error, only qrels/{split}.tsv is read, relevance must be an
+# integer (mteb scores graded judgements), and a query's title is checked but not used (BEIR queries have
+# none; ingest joins it).
+def _row(path: Path, number: int, parse: Callable[[Any], _T], value: Any) -> _T:
+    """`parse(value)` (a conan_core.io.beir row function); its BeirRowError becomes this line's TaskDataError."""
+    try:
+        return parse(value)
+    except beir.BeirRowError as err:
+        raise TaskDataError(f"{path}: line {number}: {err}") from None
+
+
 def _read_id_texts(path: Path, with_title: bool, skip_empty: bool = False) -> dict[str, Any]:
     """`_id` -> text (or (title, text)); `skip_empty` drops records with an empty text instead of failing."""
     records: dict[str, Any] = {}
     for number, record in read_jsonl(path):
-        raw_id = record.get("_id")
-        if not isinstance(raw_id, str | int) or str(raw_id) == "":
-            raise TaskDataError(f"{path}: line {number}: missing \"_id\"")
-        doc_id = str(raw_id)
+        doc_id = _row(path, number, beir.record_id, record)
         if doc_id in records:
             raise TaskDataError(f"{path}: line {number}: duplicate _id {doc_id!r}")
         if skip_empty and not str(record.get("text") or "").strip():
             continue
-        text = require_text(path, number, record.get("text"), "\"text\"")
-        title = record.get("title") or ""
-        if not isinstance(title, str):
-            raise TaskDataError(f"{path}: line {number}: \"title\" is not a string")
+        text = require_text(path, number, _row(path, number, beir.record_text, record), "\"text\"")
+        title = _row(path, number, beir.record_title, record)
         records[doc_id] = (title, text) if with_title else text
     if not records:
         raise TaskDataError(f"{path}: no records")
@@ -108,16 +117,16 @@ def _read_id_texts(path: Path, with_title: bool, skip_empty: bool = False) -> di
 
 def _qrel_rows(path: Path, require_header: bool) -> list[tuple[int, dict[str, str]]]:
     lines = read_lines(path)
-    if lines and lines[0].split("\t")[0] == "query-id":
-        return list(read_tsv_with_header(path, _QREL_COLUMNS))
+    if lines and beir.is_qrel_header(lines[0].split("\t")):
+        return list(read_tsv_with_header(path, beir.QREL_COLUMNS))
     if require_header:
-        raise TaskDataError(f"{path}: missing header {'<TAB>'.join(_QREL_COLUMNS)}")
+        raise TaskDataError(f"{path}: missing header {'<TAB>'.join(beir.QREL_COLUMNS)}")
     rows = []
     for number, line in enumerate(lines, start=1):
         fields = line.split("\t")
         if len(fields) != 3:
             raise TaskDataError(f"{path}: line {number} has {len(fields)} tab-separated fields, expected 3")
-        rows.append((number, dict(zip(_QREL_COLUMNS, fields, strict=True))))
+        rows.append((number, dict(zip(beir.QREL_COLUMNS, fields, strict=True))))
     return rows
 
 
@@ -133,11 +142,11 @@ def read_qrels(path: Path, queries: dict[str, str], corpus: dict[str, Any], requ
             raise TaskDataError(f"{path}: line {number}: query-id {query_id!r} is not in queries.jsonl")
         if doc_id not in corpus:
             raise TaskDataError(f"{path}: line {number}: corpus-id {doc_id!r} is not in corpus.jsonl")
-        score = parse_float(path, number, row["score"])
+        score = _row(path, number, beir.qrel_score, row["score"])
         if score != int(score):
             raise TaskDataError(f"{path}: line {number}: relevance {row['score']!r} is not an integer")
         qrels.setdefault(query_id, {})[doc_id] = int(score)
-    if not any(score > 0 for judged in qrels.values() for score in judged.values()):
+    if not any(beir.is_relevant(score) for judged in qrels.values() for score in judged.values()):
         raise TaskDataError(f"{path}: no query has a relevant document (score > 0)")
     return qrels
 
@@ -148,12 +157,12 @@ def read_beir(folder: Path, split: str, strict: bool = True) -> RetrievalData:
     `strict=False` (the shared data): the qrels header is optional and records with an empty text are
     dropped with their judgements (CMRC2018 trial has two empty questions).
     """
-    corpus = _read_id_texts(folder / "corpus.jsonl", with_title=True, skip_empty=not strict)
-    queries = _read_id_texts(folder / "queries.jsonl", with_title=False, skip_empty=not strict)
-    skipped = set() if strict else _all_ids(folder / "corpus.jsonl") - set(corpus) | (
-        _all_ids(folder / "queries.jsonl") - set(queries))
-    qrels = read_qrels(folder / "qrels" / f"{split}.tsv", queries, corpus, require_header=strict, skipped=skipped)
-    judged = {q: text for q, text in queries.items() if any(s > 0 for s in qrels.get(q, {}).values())}
+    corpus_path, queries_path = folder / beir.CORPUS_FILE, folder / beir.QUERIES_FILE
+    corpus = _read_id_texts(corpus_path, with_title=True, skip_empty=not strict)
+    queries = _read_id_texts(queries_path, with_title=False, skip_empty=not strict)
+    skipped = set() if strict else _all_ids(corpus_path) - set(corpus) | (_all_ids(queries_path) - set(queries))
+    qrels = read_qrels(beir.qrels_path(folder, split), queries, corpus, require_header=strict, skipped=skipped)
+    judged = {q: text for q, text in queries.items() if any(beir.is_relevant(s) for s in qrels.get(q, {}).values())}
     return RetrievalData(corpus, judged, {q: qrels[q] for q in judged})
 
 
@@ -231,7 +240,7 @@ def _valid_lang(lang: str) -> bool:
 
 def _data_files(folder: Path, task_type: str, split: str) -> list[Path]:
     if task_type == "Retrieval":
-        return [folder / "corpus.jsonl", folder / "queries.jsonl", folder / "qrels" / f"{split}.tsv"]
+        return [folder / beir.CORPUS_FILE, folder / beir.QUERIES_FILE, beir.qrels_path(folder, split)]
     if task_type == "Reranking":
         return [folder / f"{split}.jsonl"]
     if task_type == "Classification":

@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from conan_core.errors import ConanError
+from conan_core.io import beir
 from conan_core.io.conversations import ASSISTANT, ConversationError, conversation_turns, prompt_response_pairs
 from conan_core.schema import (
     KIND_CLASSIFICATION,
@@ -195,12 +196,12 @@ def _check_readable(path: Path) -> None:
 
 
 def _check_beir_readable(root: Path) -> None:
-    for name in ("corpus.jsonl", "queries.jsonl"):
+    for name in (beir.CORPUS_FILE, beir.QUERIES_FILE):
         _check_readable(root / name)
-    qrels = root / "qrels"
+    qrels = root / beir.QRELS_DIR
     if not qrels.is_dir():
         raise ReaderError(f"{qrels}: a BEIR folder needs a qrels/ directory")
-    for file in sorted(qrels.glob("*.tsv")):
+    for file in beir.all_qrels_paths(root):
         _check_readable(file)
 
 
@@ -436,37 +437,57 @@ def _read_json_array(unit: ReadUnit, result: ReadResult) -> None:
 
 
 def _read_beir(unit: ReadUnit, result: ReadResult) -> None:
-    """BEIR dir: corpus.jsonl + queries.jsonl + qrels/*.tsv -> one retrieval pair per relevant doc."""
+    """BEIR dir: corpus.jsonl + queries.jsonl + qrels/*.tsv -> one retrieval pair per relevant doc.
+
+    The format is conan_core.io.beir's; this reader's policy differs from eval's (conan_core.eval.taskdir)
+    on purpose: every split's qrels file is read (all judgements are training pairs), a bad line is
+    quarantined instead of failing the folder, and queries get their title joined like documents do.
+    """
     spec, root = unit.spec, Path(unit.path)
-    docs: dict[str, str] = {}
-    queries: dict[str, str] = {}
-    for name, target in (("corpus.jsonl", docs), ("queries.jsonl", queries)):
-        for line in split_lines(_read_bytes(root / name)):
-            try:
-                obj = json.loads(line.decode("utf-8"))
-                title = obj.get("title") or ""
-                target[str(obj["_id"])] = f"{title} {obj['text']}".strip() if title else obj["text"]
-            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-                result.quarantine.append(make_quarantine_row(source=spec.source, reason="malformed_json",
-                                                             raw=line.decode("utf-8", errors="replace")))
-    for qrels in sorted((root / "qrels").glob("*.tsv")):
+    docs = _beir_texts(root / beir.CORPUS_FILE, spec, result)
+    queries = _beir_texts(root / beir.QUERIES_FILE, spec, result)
+    for qrels in beir.all_qrels_paths(root):
         for line in split_lines(_read_bytes(qrels)):
-            cells = line.decode("utf-8", errors="replace").split("\t")
-            if len(cells) < 3 or cells[0] == "query-id":
-                continue
-            raw = "\t".join(cells)
-            try:
-                relevant = _score(cells[2]) > 0
-            except _BadRow:
-                result.quarantine.append(make_quarantine_row(source=spec.source, reason="invalid_score", raw=raw))
-                continue
-            if not relevant:
-                result.skipped += 1
-            elif cells[0] not in queries or cells[1] not in docs:
-                result.quarantine.append(make_quarantine_row(source=spec.source, reason="missing_field", raw=raw))
-            else:
-                result.records.append(make_record(kind=KIND_PAIR, query=queries[cells[0]], positive=docs[cells[1]],
-                                                  source=spec.source, lang=spec.lang))
+            _add_beir_judgement(line.decode("utf-8", errors="replace").split("\t"), docs, queries, spec, result)
+
+
+def _beir_texts(path: Path, spec: ReadSpec, result: ReadResult) -> dict[str, str]:
+    """`_id` -> text (title joined) of a BEIR jsonl file; a line that is not a valid record is quarantined."""
+    texts: dict[str, str] = {}
+    for line in split_lines(_read_bytes(path)):
+        try:
+            record = beir.parse_record(json.loads(line.decode("utf-8")))
+        except (UnicodeDecodeError, json.JSONDecodeError, beir.BeirRowError):
+            # a blank line is malformed_json too (json.loads("") fails); eval skips blank lines
+            result.quarantine.append(make_quarantine_row(source=spec.source, reason="malformed_json",
+                                                         raw=line.decode("utf-8", errors="replace")))
+            continue
+        # An empty text is kept (the clean stage's filters drop it) and a repeated _id replaces the earlier
+        # line; eval rejects both (or skips empty texts for the shared data).
+        texts[record.id] = beir.joined_text(record.title, record.text)
+    return texts
+
+
+def _add_beir_judgement(cells: list[str], docs: dict[str, str], queries: dict[str, str], spec: ReadSpec,
+                        result: ReadResult) -> None:
+    """One qrels row -> a pair (relevant), a skip (not relevant) or a quarantine row (bad score, unknown id)."""
+    # Positional columns; a header line anywhere (concatenated files) and a short row are passed over, not
+    # quarantined, and cells past the third are ignored. Eval reads the header's column order and fails there.
+    if len(cells) < 3 or beir.is_qrel_header(cells):
+        return
+    raw = "\t".join(cells)
+    try:
+        relevant = beir.is_relevant(beir.qrel_score(cells[2]))
+    except beir.BeirRowError:
+        result.quarantine.append(make_quarantine_row(source=spec.source, reason="invalid_score", raw=raw))
+        return
+    if not relevant:
+        result.skipped += 1
+    elif cells[0] not in queries or cells[1] not in docs:
+        result.quarantine.append(make_quarantine_row(source=spec.source, reason="missing_field", raw=raw))
+    else:
+        result.records.append(make_record(kind=KIND_PAIR, query=queries[cells[0]], positive=docs[cells[1]],
+                                          source=spec.source, lang=spec.lang))
 
 
 def read_unit(unit: ReadUnit) -> ReadResult:
@@ -633,7 +654,7 @@ def sniff_spec(path: Path, *, source: str | None = None, lang: str = "auto") -> 
     path = Path(path)
     source = source or path.stem
     if path.is_dir():
-        if (path / "corpus.jsonl").exists() and (path / "queries.jsonl").exists():
+        if (path / beir.CORPUS_FILE).exists() and (path / beir.QUERIES_FILE).exists():
             return ReadSpec("beir", source, lang)
         raise ReaderError(f"{path}: a directory input must be a BEIR folder (corpus.jsonl, queries.jsonl, qrels/)")
     if not path.exists():
