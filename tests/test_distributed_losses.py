@@ -125,6 +125,14 @@ def reference_in_batch(encoder: torch.nn.Module, world: int) -> torch.Tensor:
     return in_batch_infonce(embed(encoder, data["q"]), embed(encoder, data["p"]), TEMPERATURE)
 
 
+def reference_symmetric(encoder: torch.nn.Module, world: int) -> torch.Tensor:
+    """Both directions over the global batch, written out: rows of q p^T / tau, then its columns."""
+    data = in_batch_data(world)
+    logits = embed(encoder, data["q"]) @ embed(encoder, data["p"]).T / TEMPERATURE
+    labels = torch.arange(logits.shape[0])
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
 def reference_cbb(encoder: torch.nn.Module, scenario: CBBScenario) -> torch.Tensor:
     """Eq. 3 on one process over the global batch: the group's negatives side by side, all STS pairs."""
     data = cbb_data(scenario)
@@ -150,13 +158,14 @@ def naive_gather(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def in_batch_objective(encoder: torch.nn.Module, rank: int, world: int, naive: bool) -> torch.Tensor:
+def in_batch_objective(encoder: torch.nn.Module, rank: int, world: int, naive: bool,
+                       symmetric: bool = False) -> torch.Tensor:
     data = in_batch_data(world)
     rows = slice(rank * IN_BATCH_QUERIES, (rank + 1) * IN_BATCH_QUERIES)
     q, p = embed(encoder, data["q"][rows]), embed(encoder, data["p"][rows])
     if naive:
         return in_batch_infonce(q, naive_gather(p), TEMPERATURE, positive_offset=rank * IN_BATCH_QUERIES)
-    return distributed_in_batch_infonce(q, p, TEMPERATURE)
+    return distributed_in_batch_infonce(q, p, TEMPERATURE, symmetric=symmetric)
 
 
 def cbb_objective(encoder: torch.nn.Module, rank: int, scenario: CBBScenario) -> torch.Tensor:
@@ -177,8 +186,9 @@ def cbb_objective(encoder: torch.nn.Module, rank: int, scenario: CBBScenario) ->
 
 
 def rank_objective(name: str, encoder: torch.nn.Module, rank: int, world: int) -> torch.Tensor:
-    if name in ("in_batch", "naive_in_batch"):
-        return in_batch_objective(encoder, rank, world, naive=name == "naive_in_batch")
+    if name in ("in_batch", "naive_in_batch", "symmetric_in_batch"):
+        return in_batch_objective(encoder, rank, world, naive=name == "naive_in_batch",
+                                  symmetric=name == "symmetric_in_batch")
     return cbb_objective(encoder, rank, CBB_SCENARIOS[name])
 
 
@@ -229,6 +239,8 @@ def reference(name: str, world: int) -> dict[str, torch.Tensor]:
     encoder = make_encoder()
     if name in ("in_batch", "naive_in_batch"):
         loss = reference_in_batch(encoder, world)
+    elif name == "symmetric_in_batch":
+        loss = reference_symmetric(encoder, world)
     else:
         loss = reference_cbb(encoder, CBB_SCENARIOS[name])
     loss.backward()
@@ -239,8 +251,9 @@ def max_grad_difference(got: dict[str, torch.Tensor], want: dict[str, torch.Tens
     return max((got[name] - want[name]).abs().max().item() for name in want)
 
 
-TWO_RANKS = ["in_batch", "naive_in_batch", "cbb_group_of_2", "cbb_retrieval_and_sts", "cbb_emulated_ranks"]
-FOUR_RANKS = ["in_batch", "cbb_group_of_3_and_sts"]
+TWO_RANKS = ["in_batch", "naive_in_batch", "symmetric_in_batch", "cbb_group_of_2", "cbb_retrieval_and_sts",
+             "cbb_emulated_ranks"]
+FOUR_RANKS = ["in_batch", "symmetric_in_batch", "cbb_group_of_3_and_sts"]
 
 
 @pytest.fixture(scope="module")
@@ -253,7 +266,8 @@ def four_rank_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dic
     return run_ranks(4, FOUR_RANKS, tmp_path_factory.mktemp("four_ranks"))
 
 
-@pytest.mark.parametrize("name", ["in_batch", "cbb_group_of_2", "cbb_retrieval_and_sts", "cbb_emulated_ranks"])
+@pytest.mark.parametrize("name", ["in_batch", "symmetric_in_batch", "cbb_group_of_2", "cbb_retrieval_and_sts",
+                                  "cbb_emulated_ranks"])
 def test_two_ranks_match_single_process(two_rank_results: dict[str, dict], name: str) -> None:
     want, got = reference(name, 2), two_rank_results[name]
     assert got["loss"].item() == pytest.approx(want["loss"].item(), abs=TOLERANCE)

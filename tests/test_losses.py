@@ -266,3 +266,15 @@ def test_collectives_pass_through_without_a_process_group() -> None:
     terms = distributed_cbb_loss(CbbEmbeddings(q=q, p=p, negs=negs.reshape(-1, 4)), shape, temperature=0.05,
                                  beta=0.8, scale=20.0, in_batch=False, tasks=("retrieval",))
     assert terms.objective.item() == pytest.approx(hard_negative_infonce(q, p, negs, 0.05).item(), rel=1e-12)
+
+
+def test_symmetric_in_batch_infonce_is_the_mean_of_both_directions() -> None:
+    from conan_core.losses import symmetric_in_batch_infonce
+
+    generator = torch.Generator().manual_seed(3)
+    q = torch.nn.functional.normalize(torch.randn(4, 8, generator=generator), dim=-1)
+    p = torch.nn.functional.normalize(torch.randn(4, 8, generator=generator), dim=-1)
+    backward = in_batch_infonce(p, q, 0.05)  # each positive against all queries
+    assert symmetric_in_batch_infonce(q, p, 0.05).item() == pytest.approx(
+        (in_batch_infonce(q, p, 0.05).item() + backward.item()) / 2, rel=1e-6)
+    assert symmetric_in_batch_infonce(q, q, 0.05).item() == pytest.approx(in_batch_infonce(q, q, 0.05).item())

@@ -21,6 +21,7 @@ from conan_core.losses.infonce import (
     hard_negative_infonce,
     in_batch_infonce,
     query_negative_scores,
+    symmetric_in_batch_infonce,
 )
 from conan_core.losses.matryoshka import MatryoshkaLoss
 
@@ -37,6 +38,7 @@ __all__ = [
     "false_negative_mask",
     "hard_negative_infonce",
     "in_batch_infonce",
+    "symmetric_in_batch_infonce",
     "query_negative_scores",
     "WorkerRoles",
 ]

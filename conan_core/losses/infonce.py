@@ -98,12 +98,33 @@ def hard_negative_infonce(
     return F.cross_entropy(scores / temperature, labels)
 
 
+def symmetric_in_batch_infonce(
+    q: torch.Tensor, p: torch.Tensor, temperature: float = 0.05, *, positive_offset: int = 0,
+    q_all: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Bidirectional in-batch InfoNCE (the query->passage and passage->query terms of GTE's improved
+    contrastive loss, Li et al. 2023, arXiv 2308.03281; CLIP's symmetric loss):
+
+        L = (1/2) [ InfoNCE(q -> p) + InfoNCE(p -> q) ]
+
+    q->p is `in_batch_infonce(q, p)`; p->q scores each local positive p[i + o] against all queries
+    (`q_all`, default q: the gathered queries of every worker, whose row i + o is q[i]). Both directions
+    read one similarity matrix's rows and columns, so it costs no extra encoding.
+    """
+    q_all = q if q_all is None else q_all
+    local_p = p[positive_offset:positive_offset + q.shape[0]]
+    forward = in_batch_infonce(q, p, temperature, positive_offset=positive_offset)
+    backward = in_batch_infonce(local_p, q_all, temperature, positive_offset=positive_offset)
+    return (forward + backward) / 2
+
+
 def distributed_in_batch_infonce(
     q_local: torch.Tensor,
     p_local: torch.Tensor,
     temperature: float = 0.05,
     group: dist.ProcessGroup | None = None,
     matryoshka: MatryoshkaLoss | None = None,
+    symmetric: bool = False,
 ) -> torch.Tensor:
     """Eq. 1 across workers: this rank's B queries against the positives of all W ranks of `group`.
 
@@ -119,9 +140,18 @@ def distributed_in_batch_infonce(
 
     That holds when `group` is the DDP world (or, for a subgroup, whenever every rank has the same B).
     `mean_over_ranks(l_r.detach())` is the global L for logging. matryoshka: applied after the gather.
+    symmetric: `symmetric_in_batch_infonce` (the queries are gathered too, with gradient, so each rank's
+    positives also rank all W*B queries; the same scale-1 argument holds for both terms).
     """
     info = world_info(group)
     p_all = gather_with_grad(p_local, group)
     mrl = matryoshka or MatryoshkaLoss(None)
     offset = info.rank * q_local.shape[0]
-    return mrl(in_batch_infonce, q_local, p_all, temperature=temperature, positive_offset=offset)
+    if not symmetric:
+        return mrl(in_batch_infonce, q_local, p_all, temperature=temperature, positive_offset=offset)
+    q_all = gather_with_grad(q_local, group)
+
+    def both_directions(q: torch.Tensor, p: torch.Tensor, q_gathered: torch.Tensor) -> torch.Tensor:
+        return symmetric_in_batch_infonce(q, p, temperature, positive_offset=offset, q_all=q_gathered)
+
+    return mrl(both_directions, q_local, p_all, q_all)  # Matryoshka truncates all three to each dim

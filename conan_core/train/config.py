@@ -80,6 +80,9 @@ class PretrainConfig(TrainCommon):
                     "share n_source / n_total")
     one_source_per_step: bool = Field(
         default=False, description="every global batch from one source (avoids easy cross-source negatives)")
+    symmetric_loss: bool = Field(
+        default=False, description="also rank each positive against all queries (passage -> query), the "
+                                   "mean of both directions (GTE's bidirectional InfoNCE; no extra encoding)")
 
     @model_validator(mode="after")
     def _positive_weights(self) -> PretrainConfig:

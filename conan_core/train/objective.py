@@ -73,12 +73,13 @@ class StepEncoder:
 
 
 def pretrain_objective(encode: StepEncoder, queries: Sequence[str], positives: Sequence[str], *,
-                       temperature: float, matryoshka: MatryoshkaLoss) -> torch.Tensor:
-    """In-batch InfoNCE of this worker's queries against the positives of all workers (Eq. 1);
-    scale 1 under gradient averaging (see `distributed_in_batch_infonce`)."""
+                       temperature: float, matryoshka: MatryoshkaLoss, symmetric: bool = False) -> torch.Tensor:
+    """In-batch InfoNCE of this worker's queries against the positives of all workers (Eq. 1), and with
+    `symmetric` of its positives against all queries too; scale 1 under gradient averaging (see
+    `distributed_in_batch_infonce`)."""
     q = F.normalize(encode(queries), dim=-1)
     p = F.normalize(encode(positives), dim=-1)
-    return distributed_in_batch_infonce(q, p, temperature, matryoshka=matryoshka)
+    return distributed_in_batch_infonce(q, p, temperature, matryoshka=matryoshka, symmetric=symmetric)
 
 
 @dataclass

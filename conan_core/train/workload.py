@@ -88,7 +88,8 @@ class PretrainWorkload:
         own_rows = rank_slice(batch, self.world.rank, self.config.batch_size)
         loss = pretrain_objective(self.encode, [self.pairs.queries[i] for i in own_rows],
                                   [self.pairs.positives[i] for i in own_rows],
-                                  temperature=self.config.temperature, matryoshka=self.matryoshka)
+                                  temperature=self.config.temperature, matryoshka=self.matryoshka,
+                                  symmetric=self.config.symmetric_loss)
         return StepResult(loss, {"loss_pairs": loss.detach()}, len(batch), [self.pairs.ids[i] for i in batch])
 
     def after_step(self, step: int, result: StepResult) -> dict[str, Any]:
