@@ -56,14 +56,23 @@ def _headerless_pairs(path: Path, label_map: dict[str, float] | None = None, bin
     return data
 
 
-def _pawsx(path: Path) -> PairData:
+def _tsv_pairs(path: Path, sentence1: str, sentence2: str, score: str,
+               split: tuple[str, str] | None = None) -> PairData:
+    """Scored pairs of a TSV with a header naming the columns; `split` = (column, value) keeps those rows."""
+    columns = (sentence1, sentence2, score) + ((split[0],) if split else ())
     data = PairData([], [], [])
-    for number, row in read_tsv_with_header(path, ("sentence1", "sentence2", "label")):
-        data.sentence1.append(require_text(path, number, row["sentence1"], "sentence1"))
-        data.sentence2.append(require_text(path, number, row["sentence2"], "sentence2"))
-        data.scores.append(parse_float(path, number, row["label"], "label"))
+    for number, row in read_tsv_with_header(path, columns):
+        if split and row[split[0]] != split[1]:
+            continue
+        data.sentence1.append(require_text(path, number, row[sentence1], sentence1))
+        data.sentence2.append(require_text(path, number, row[sentence2], sentence2))
+        data.scores.append(parse_float(path, number, row[score], score))
     check_pairs(path, data, binary=False)
     return data
+
+
+def _pawsx(path: Path) -> PairData:
+    return _tsv_pairs(path, "sentence1", "sentence2", "label")
 
 
 def _qbqtc(path: Path) -> PairData:
@@ -77,24 +86,11 @@ def _qbqtc(path: Path) -> PairData:
 
 
 def _stsbenchmark(path: Path, split: str) -> PairData:
-    data = PairData([], [], [])
-    for number, row in read_tsv_with_header(path, ("split", "score", "sentence1", "sentence2")):
-        if row["split"] == split:
-            data.sentence1.append(require_text(path, number, row["sentence1"], "sentence1"))
-            data.sentence2.append(require_text(path, number, row["sentence2"], "sentence2"))
-            data.scores.append(parse_float(path, number, row["score"]))
-    check_pairs(path, data, binary=False)
-    return data
+    return _tsv_pairs(path, "sentence1", "sentence2", "score", split=("split", split))
 
 
 def _sick(path: Path) -> PairData:
-    data = PairData([], [], [])
-    for number, row in read_tsv_with_header(path, ("sentence_A", "sentence_B", "relatedness_score")):
-        data.sentence1.append(require_text(path, number, row["sentence_A"], "sentence_A"))
-        data.sentence2.append(require_text(path, number, row["sentence_B"], "sentence_B"))
-        data.scores.append(parse_float(path, number, row["relatedness_score"]))
-    check_pairs(path, data, binary=False)
-    return data
+    return _tsv_pairs(path, "sentence_A", "sentence_B", "relatedness_score")
 
 
 def _semeval_year(folder: Path) -> PairData:
