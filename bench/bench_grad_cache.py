@@ -28,7 +28,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -76,6 +75,8 @@ def vocabulary(model) -> list[str]:
 
 def run_child(batch: int, chunk: int | None, steps: int, warmup: int, model_dir: str, device: str) -> dict:
     """One configuration in this (fresh) process: its seconds per step and memory, as a dict."""
+    from bench_train_step import timed_steps  # the same clock as the step benchmark
+
     from conan_core.model import ConanEmbedder
     from conan_core.train.config import PretrainConfig
     from conan_core.train.loop import make_encoder, make_optimizer, train_step
@@ -90,14 +91,8 @@ def run_child(batch: int, chunk: int | None, steps: int, warmup: int, model_dir:
     task = PretrainWorkload(config, [data], encode.bank, encode)
     optimizer = make_optimizer(model, config)
     before = rss_mb()
-    times = []
-    for step in range(1, steps + warmup + 1):
-        started = time.perf_counter()
-        train_step(step, config.steps, config, model, optimizer, task, encode)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if step > warmup:
-            times.append(time.perf_counter() - started)
+    times = timed_steps(lambda step: train_step(step, config.steps, config, model, optimizer, task, encode),
+                        steps, warmup, device)
     out = {"batch": batch, "chunk": chunk, "seconds_per_step": statistics.median(times),
            "rss_before_mb": before, "peak_rss_mb": peak_rss_mb()}
     if device == "cuda":

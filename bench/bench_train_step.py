@@ -20,6 +20,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -63,6 +64,23 @@ def step_flops(lengths: list[int], layers: int, hidden: int, inter: int) -> floa
     return 3.0 * forward
 
 
+def timed_steps(run_step: Callable[[int], None], steps: int, warmup: int, device: str,
+                before: Callable[[int], None] | None = None) -> list[float]:
+    """Seconds of each of `steps` calls of `run_step(step)` after `warmup` untimed ones (steps count from
+    1); `before(step)`, if given, runs outside the clock; on cuda the clock waits for the device."""
+    times = []
+    for step in range(1, steps + warmup + 1):
+        if before is not None:
+            before(step)
+        started = time.perf_counter()
+        run_step(step)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if step > warmup:
+            times.append(time.perf_counter() - started)
+    return times
+
+
 def bench_ours(pairs: list[tuple[str, str]], steps: int, warmup: int, model_dir: str, device: str
                ) -> tuple[list[float], list[float]]:
     """Seconds per step and FLOPs per step of our training step (the Ray worker's `train_step`)."""
@@ -86,19 +104,18 @@ def bench_ours(pairs: list[tuple[str, str]], steps: int, warmup: int, model_dir:
     task = PretrainWorkload(config, [data], encode.bank, encode)
     optimizer = make_optimizer(model, config)
     enc_cfg = model.encoder.config
-    times, flops = [], []
-    for step in range(1, steps + warmup + 1):
+    texts_of_step: dict[int, list[str]] = {}
+
+    def note_texts(step: int) -> None:  # the batch the step is about to draw, for its FLOPs
         state = task.streams["pairs"].state_dict()
         batch = task.streams["pairs"].epoch_plan(state["epoch"])[state["index"]]
-        texts = [task.pairs.queries[i] for i in batch] + [task.pairs.positives[i] for i in batch]
-        started = time.perf_counter()
-        train_step(step, config.steps, config, model, optimizer, task, encode)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if step > warmup:
-            times.append(time.perf_counter() - started)
-            flops.append(step_flops(list(encode.bank.lengths(texts)), enc_cfg.num_hidden_layers,
-                                    enc_cfg.hidden_size, enc_cfg.intermediate_size))
+        texts_of_step[step] = [task.pairs.queries[i] for i in batch] + [task.pairs.positives[i] for i in batch]
+
+    times = timed_steps(lambda step: train_step(step, config.steps, config, model, optimizer, task, encode),
+                        steps, warmup, device, before=note_texts)
+    flops = [step_flops(list(encode.bank.lengths(texts_of_step[step])), enc_cfg.num_hidden_layers,
+                        enc_cfg.hidden_size, enc_cfg.intermediate_size)
+             for step in range(warmup + 1, steps + warmup + 1)]
     return times, flops
 
 
