@@ -281,10 +281,10 @@ def reap_stale_server(home: Path, *, echo: Callable[[str], None] = print) -> dic
 
 def _server_env(home: Path, api_url: str) -> dict[str, str]:
     # The UI must call this server's API, not the default port 4200 (it showed "Can't connect to Server
-    # API" on any other port). Promotional banners: this Prefect's UI reads them from the browser's
-    # localStorage (`prefect-show-promotional-content`), not from a server setting.
+    # API" on any other port). Promotions ("Ready to scale? Upgrade" in the sidebar and on the dashboard):
+    # both UIs read this setting from the server's /admin/settings (V1 then caches it in localStorage).
     env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PREFECT_SERVER_UI_API_URL=api_url)
+               PREFECT_SERVER_UI_API_URL=api_url, PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT="false")
     env.pop("PREFECT_API_URL", None)  # the server itself must not point at another API
     return env
 
