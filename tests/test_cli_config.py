@@ -98,8 +98,9 @@ def test_finetune_mining_override_reaches_the_spec(pipeline_yaml: Path, tmp_path
                                       str(tmp_path / "out"), "--config", str(pipeline_yaml),
                                       "--mining-set", "dhnm.check_every=20", "--set", "steps=5"])
     assert result.exit_code == 0, result.output
-    assert seen["spec"]["mining"]["dhnm"]["check_every"] == 20 and seen["spec"]["mining"]["top_k"] == 40
-    assert seen["spec"]["config"]["steps"] == 5
+    spec = seen["spec"]  # the typed TrainSpec the Ray Train workers get
+    assert spec.mining.dhnm.check_every == 20 and spec.mining.top_k == 40
+    assert spec.config.steps == 5
 
 
 @pytest.mark.parametrize("argv, key", [
