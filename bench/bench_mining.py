@@ -6,15 +6,21 @@ sentence of STS-benchmark, SICK and TrecQA answer sentences, deduplicated) from 
 
 1. Re-mining throughput: `remine` with a checkpoint whose embeddings are not cached (the pool re-encodes
    the corpus and queries and searches) vs sentence-transformers `util.mine_hard_negatives`
-   (use_faiss, same model, range 10..110, top strategy). Ray is already running for the pool (a trainer
-   has it up between epochs); actor start-up and model loading are included.
-2. A between-epoch re-mine as a fraction of one finetuning epoch, the epoch estimated from a measured
-   CBB step (FinetuneConfig defaults: 4 queries x (positive + 2x4 negatives) + 32 STS pairs, fwd+bwd+AdamW).
+   (use_faiss, same model, range 10..110, top strategy), at its default (fp32) and inside the same bf16
+   autocast the pool uses where the CPU has AMX (`MiningConfig.bf16`, auto). Ray is already running for
+   the pool (a trainer has it up between epochs); actor start-up and model loading are included.
+2. A between-epoch re-mine as a fraction of one finetuning epoch: the epoch is steps-per-epoch x the
+   median time of the trainer's own `train_step` (FinetuneConfig defaults, all logical ranks in this
+   process as on one node) on the bench's data and candidate lists.
 3. The cost of a DHNM check (2k and 100k observed queries) in training steps.
-4. Encode + search at 10k / 50k / 100k documents: encode from the measured pool rate (extrapolated),
-   search measured (2,000 queries, flat index, 20k-row shards merged as the pool does).
+4. Growth: 2,000 queries + 10k / 50k / 100k documents of real text (every built-in evaluation task's
+   texts, shuffled) encoded by a pool of 2 actors, encode time measured per size; search as the pool does
+   it (20k-row shards, top-k each, merged) with flat and IVF shards, and IVF's recall@k against flat. 1M
+   documents: the 100k real vectors in 10 noisy copies (search and recall only; encoding 1M texts on 2
+   cores, ~1.5 h, does not fit the bench).
 
-Run: .venv/bin/python bench/bench_mining.py   (about 10 minutes on 2 idle cores)
+Run: .venv/bin/python bench/bench_mining.py   (about 30 minutes on 2 idle cores)
+Only the 20k / 2k part: BENCH_SIZES=10000 GROWTH_MAX_ENCODE=10000 .venv/bin/python bench/bench_mining.py
 Smaller: BENCH_QUERIES=500 BENCH_DOCS=5000 .venv/bin/python bench/bench_mining.py
 """
 
@@ -105,7 +111,11 @@ def bench_pool(model_dir: Path, data_dir: Path) -> dict:
     return out
 
 
-def bench_sentence_transformers(model_dir: Path, pairs: list[tuple[str, str]], corpus: list[str]) -> float:
+def bench_sentence_transformers(model_dir: Path, pairs: list[tuple[str, str]], corpus: list[str],
+                                bf16: bool = False) -> float:
+    """Seconds of `mine_hard_negatives` (model load included); bf16: inside the same CPU bf16 autocast the
+    pool uses (not sentence-transformers' default, shown so that the precision is not the whole story)."""
+    import torch
     from datasets import Dataset
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.util import mine_hard_negatives
@@ -113,44 +123,39 @@ def bench_sentence_transformers(model_dir: Path, pairs: list[tuple[str, str]], c
     start = time.perf_counter()
     model = SentenceTransformer(str(model_dir), device="cpu")
     dataset = Dataset.from_dict({"query": [q for q, _ in pairs], "positive": [p for _, p in pairs]})
-    mine_hard_negatives(dataset, model, corpus=corpus, range_min=SKIP, range_max=SKIP + TOP_K, num_negatives=7,
-                        sampling_strategy="top", batch_size=64, use_faiss=True, verbose=False,
-                        output_format="n-tuple")
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        mine_hard_negatives(dataset, model, corpus=corpus, range_min=SKIP, range_max=SKIP + TOP_K,
+                            num_negatives=7, sampling_strategy="top", batch_size=64, use_faiss=True,
+                            verbose=False, output_format="n-tuple")
     return time.perf_counter() - start
 
 
-def bench_step(model_dir: Path, corpus: list[str], steps: int = 4) -> tuple[float, int]:
-    """Seconds per CBB step at the FinetuneConfig defaults (one process doing every rank's work)."""
+def bench_step(model_dir: Path, data_dir: Path, candidates_dir: Path, steps: int = 4) -> tuple[float, int]:
+    """(median seconds per finetuning step, steps per epoch): the trainer's own `train_step` at the
+    FinetuneConfig defaults on the bench's data and candidate lists, all logical ranks in this process
+    (what `conan train finetune` runs on one node), fwd + bwd + AdamW. The first step is not timed."""
     import torch
 
-    from conan_core.losses.cosent import cosent_loss
-    from conan_core.losses.infonce import hard_negative_infonce
+    from conan_core.mining.candidates import CandidateLists
+    from conan_core.mining.config import DHNMConfig
+    from conan_core.mining.dhnm import DynamicNegatives
     from conan_core.model import ConanEmbedder
     from conan_core.train.config import FinetuneConfig
+    from conan_core.train.loop import make_encoder, make_optimizer, train_step
+    from conan_core.train.workload import FinetuneWorkload
 
-    cfg = FinetuneConfig()
-    n_neg = cfg.layout.retrieval_group * cfg.negatives_per_rank
+    config = FinetuneConfig(log_every=1)
     model = ConanEmbedder.load(model_dir)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5)
-    rng = np.random.default_rng(0)
-    times = []
-    for step in range(steps + 1):
-        texts = [corpus[i] for i in rng.integers(0, len(corpus), cfg.retrieval_batch * (2 + n_neg))]
-        sts = [corpus[i] for i in rng.integers(0, len(corpus), 2 * cfg.sts_batch)]
-        start = time.perf_counter()
-        emb = torch.nn.functional.normalize(model.embed(texts), dim=-1)
-        b = cfg.retrieval_batch
-        q, p, negs = emb[:b], emb[b:2 * b], emb[2 * b:].reshape(b, n_neg, -1)
-        s = torch.nn.functional.normalize(model.embed(sts), dim=-1)
-        loss = hard_negative_infonce(q, p, negs) + cfg.beta * cosent_loss(
-            s[: cfg.sts_batch], s[cfg.sts_batch:], torch.rand(cfg.sts_batch))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if step:  # the first step warms up allocators and kernels
-            times.append(time.perf_counter() - start)
-    return float(np.median(times)), cfg.retrieval_batch
+    optimizer = make_optimizer(model, config)
+    encode = make_encoder(model, config, torch.device("cpu"))
+    n_total = config.layout.retrieval_group * config.negatives_per_rank
+    dyn = DynamicNegatives(CandidateLists.load(candidates_dir), n_total, DHNMConfig())
+    workload = FinetuneWorkload(config, [data_dir], encode.bank, encode, dyn=dyn)
+    total = workload.steps_per_epoch()
+    times = [train_step(step, total, config, model, optimizer, workload, encode)["step_seconds"]
+             for step in range(1, steps + 2)]
+    return float(np.median(times[1:])), total
 
 
 def bench_check(lists, n_queries: int) -> float:
@@ -171,25 +176,111 @@ def bench_check(lists, n_queries: int) -> float:
     return seconds
 
 
-def bench_search(sizes: list[int], dim: int = 384, n_queries: int = N_QUERIES) -> dict[int, tuple[float, float]]:
-    """(flat single index, 20k-row shards merged) search seconds for `n_queries` queries at each corpus size."""
-    from conan_core.mining.index import build_index, configure_faiss, merge_topk, search
+def growth_texts(n: int, seed: int = 0) -> list[str]:
+    """`n` distinct texts from every built-in evaluation task's data (zh and en sentences, reviews, titles,
+    passages: their real length mix), in a seeded shuffle; a throughput corpus, nothing is trained on it."""
+    from conan_core.eval.data import ClassificationData, LabelledTexts, PairData, RetrievalData
+    from conan_core.eval.tasks import builtin_tasks
 
-    configure_faiss(os.cpu_count() or 1)
-    rng = np.random.default_rng(0)
-    queries = rng.standard_normal((n_queries, dim)).astype(np.float32)
-    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
-    out = {}
+    texts: list[str] = []
+    for spec in builtin_tasks().values():
+        data = spec.load()
+        if isinstance(data, PairData):
+            texts += data.sentence1 + data.sentence2
+        elif isinstance(data, LabelledTexts):
+            texts += data.texts
+        elif isinstance(data, ClassificationData):
+            texts += data.train.texts + data.test.texts
+        elif isinstance(data, RetrievalData):
+            texts += [f"{title} {text}".strip() for title, text in data.corpus.values()] + list(data.queries.values())
+    unique = list(dict.fromkeys(t for t in texts if t.strip()))
+    np.random.default_rng(seed).shuffle(unique)
+    if len(unique) < n:
+        raise SystemExit(f"growth: only {len(unique)} distinct texts in the shared data, {n} asked")
+    return unique[:n]
+
+
+def encode_growth(model_dir: Path, texts: list[str], marks: list[int]) -> tuple[np.ndarray, dict[int, float]]:
+    """Encode `texts` with the mining pool (2 actors, as `remine` runs it) in order; the seconds spent when
+    the first `m` texts are done, for each mark (measured, one pass)."""
+    from conan_core.mining.actor import encoder_factory_for
+    from conan_core.mining.config import MiningConfig
+    from conan_core.mining.pool import MiningPool
+    from conan_core.raysession import ray_session
+
+    parts, seconds, done, elapsed = [], {}, 0, 0.0
+    with ray_session(), MiningPool(encoder_factory_for(model_dir, None), MiningConfig(), size=2) as pool:
+        pool.encode(texts[:64])  # actor start-up and model load, not counted: a running trainer has them up
+        for mark in marks:
+            vectors, took = timed(pool.encode, texts[done:mark])
+            parts.append(vectors)
+            elapsed += took
+            seconds[mark], done = elapsed, mark
+    return np.concatenate(parts), seconds
+
+
+def sharded_search(corpus: np.ndarray, queries: np.ndarray, kind: str, shard_rows: int = 20_000
+                   ) -> tuple[np.ndarray, float, float]:
+    """The pool's search: one index per `shard_rows` documents (flat or IVF at MiningConfig's nlist/nprobe),
+    top-(k+skip) per shard, merged. Returns (merged rows, index build seconds, search + merge seconds)."""
+    from conan_core.mining.config import MiningConfig
+    from conan_core.mining.index import build_index, merge_topk, search
+
+    config, k = MiningConfig(), TOP_K + SKIP
+    build_s = search_s = 0.0
+    scores, rows, offsets = [], [], []
+    for offset in range(0, len(corpus), shard_rows):
+        index, took = timed(build_index, corpus[offset:offset + shard_rows], kind, config.ivf_nlist,
+                            config.ivf_nprobe)
+        build_s += took
+        (found_scores, found_rows), took = timed(search, index, queries, k)
+        search_s += took
+        scores.append(found_scores)
+        rows.append(found_rows)
+        offsets.append(offset)
+    (_, merged_rows), took = timed(merge_topk, scores, rows, offsets, k)
+    return merged_rows, build_s, search_s + took
+
+
+def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:
+    """Mean share of the exact top-k rows that `found` also returns (per query)."""
+    return float(np.mean([len(set(f) & set(e)) / len(e) for f, e in zip(found.tolist(), exact.tolist(), strict=True)]))
+
+
+def noisy_copies(vectors: np.ndarray, copies: int, sigma: float = 0.05, seed: int = 0) -> np.ndarray:
+    """`copies` perturbed copies of each (unit) vector, renormalised: a larger corpus with the real one's
+    cluster structure, for index growth where encoding that many real texts does not fit the bench."""
+    rng = np.random.default_rng(seed)
+    out = np.concatenate([vectors + rng.normal(0, sigma / np.sqrt(vectors.shape[1]), vectors.shape)
+                          for _ in range(copies)]).astype(np.float32)
+    return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def bench_growth(model_dir: Path, sizes: list[int]) -> None:
+    """[4] Real texts encoded by the pool up to the largest size that fits (GROWTH_MAX_ENCODE); each size:
+    encode seconds (measured), flat vs IVF shard search, IVF's recall@k against flat. Sizes above the
+    encoded count use noisy copies of the encoded vectors (search only; encode not measured there)."""
+    encoded_max = min(max(sizes), int(os.environ.get("GROWTH_MAX_ENCODE", 100_000)))
+    texts = growth_texts(N_QUERIES + encoded_max)
+    marks = [N_QUERIES] + [N_QUERIES + s for s in sizes if s <= encoded_max]
+    vectors, seconds = encode_growth(model_dir, texts, marks)
+    queries, docs = vectors[:N_QUERIES], vectors[N_QUERIES:]
+    print(f"[4] growth: {N_QUERIES} queries + up to {encoded_max} documents from the shared evaluation texts, "
+          f"encoded by a pool of 2 actors (max 128 tokens); {N_QUERIES} queries took {seconds[N_QUERIES]:.1f} s",
+          flush=True)
     for size in sizes:
-        corpus = rng.standard_normal((size, dim)).astype(np.float32)
-        corpus /= np.linalg.norm(corpus, axis=1, keepdims=True)
-        _, flat_s = timed(lambda c=corpus: search(build_index(c), queries, TOP_K + SKIP))
-        start = time.perf_counter()
-        parts = [(search(build_index(corpus[i:i + 20_000]), queries, TOP_K + SKIP), i)
-                 for i in range(0, size, 20_000)]
-        merge_topk([p[0][0] for p in parts], [p[0][1] for p in parts], [p[1] for p in parts], TOP_K + SKIP)
-        out[size] = (flat_s, time.perf_counter() - start)
-    return out
+        corpus = docs[:size] if size <= encoded_max else noisy_copies(docs, -(-size // len(docs)))[:size]
+        if size <= encoded_max:
+            encode_s = seconds[N_QUERIES + size] - seconds[N_QUERIES]
+            encode = f"encode {encode_s:.0f} s ({size / encode_s:.0f} docs/s, measured)"
+        else:
+            encode = (f"encode not measured (noisy copies of the {encoded_max} encoded docs; at the measured "
+                      f"rate ~{size / (encoded_max / (seconds[N_QUERIES + encoded_max] - seconds[N_QUERIES])):.0f} s)")
+        exact, flat_build, flat_search = sharded_search(corpus, queries, "flat")
+        found, ivf_build, ivf_search = sharded_search(corpus, queries, "ivf")
+        print(f"[4] {size:>8} docs: {encode}; search {N_QUERIES} queries top-{TOP_K + SKIP}, 20k-row shards: "
+              f"flat {flat_build:.1f} + {flat_search:.1f} s, IVF {ivf_build:.1f} + {ivf_search:.1f} s "
+              f"(build + search), IVF recall@{TOP_K + SKIP} vs flat {recall_at_k(found, exact):.3f}", flush=True)
 
 
 def main() -> None:
@@ -198,19 +289,26 @@ def main() -> None:
     model_dir, data_dir = write_inputs(pairs, corpus)
     print(f"queries {len(pairs)}, documents {len(corpus)}", flush=True)
 
+    from conan_core.precision import resolve_cpu_bf16
+
     st_s = bench_sentence_transformers(model_dir, pairs, corpus)
-    print(f"[1] sentence-transformers mine_hard_negatives: {st_s:.1f} s", flush=True)
+    print(f"[1] sentence-transformers mine_hard_negatives (its default, fp32): {st_s:.1f} s", flush=True)
+    st_bf16_s = bench_sentence_transformers(model_dir, pairs, corpus, bf16=True)
+    print(f"[1] sentence-transformers mine_hard_negatives in bf16 autocast: {st_bf16_s:.1f} s", flush=True)
+    print(f"[1] pool encodes in bf16 (MiningConfig.bf16 auto: AMX on this CPU): {resolve_cpu_bf16(None)}",
+          flush=True)
     pool = bench_pool(model_dir, data_dir)
     print(f"[1] pool: initial mine (cold cache) {pool['mine_cold_s']:.1f} s; re-mine, new checkpoint "
           f"(not cached) {pool['remine_cold_s']:.1f} s; re-mine, cached embeddings {pool['remine_cached_s']:.1f} s "
           f"({pool['documents']} docs, {pool['queries']} queries)")
     print(f"[1] re-mining throughput ratio pool / sentence-transformers: {st_s / pool['remine_cold_s']:.2f}x "
-          f"(goal >= 1.5x); with cached embeddings {st_s / pool['remine_cached_s']:.2f}x", flush=True)
+          f"(goal >= 1.5x); with cached embeddings {st_s / pool['remine_cached_s']:.2f}x; against "
+          f"sentence-transformers in bf16 {st_bf16_s / pool['remine_cold_s']:.2f}x", flush=True)
 
-    step_s, batch = bench_step(model_dir, corpus)
-    steps_per_epoch = -(-pool["queries"] // batch)
+    step_s, steps_per_epoch = bench_step(model_dir, data_dir, BENCH_DIR / "cands")
     epoch_s = steps_per_epoch * step_s
-    print(f"[2] CBB step {step_s:.2f} s; epoch = {steps_per_epoch} steps = {epoch_s:.0f} s; between-epoch "
+    print(f"[2] CBB step (the trainer's train_step, FinetuneConfig defaults) {step_s:.2f} s; epoch = "
+          f"{steps_per_epoch} steps = {epoch_s:.0f} s; between-epoch "
           f"re-mine {pool['remine_cold_s']:.1f} s = {pool['remine_cold_s'] / epoch_s:.1%} of an epoch "
           f"(goal <= 15%)", flush=True)
 
@@ -219,14 +317,8 @@ def main() -> None:
         print(f"[3] DHNM check, {n} observed queries: {check_s * 1000:.1f} ms = {check_s / step_s:.3f} steps "
               f"(paper: about 1 step)", flush=True)
 
-    # Whole re-mine time (queries, search and actor start included) per document: a lower bound on the rate.
-    docs_per_s = pool["documents"] / pool["remine_cold_s"]
-    sizes = [int(x) for x in os.environ.get("BENCH_SIZES", "10000,50000,100000").split(",")]
-    for size, (flat_s, sharded_s) in bench_search(sizes).items():
-        print(f"[4] {size:>7} docs: encode ~{size / docs_per_s:.0f} s (extrapolated at {docs_per_s:.0f} docs/s), "
-              f"search {N_QUERIES} queries top-{TOP_K + SKIP}: flat {flat_s:.2f} s, "
-              f"20k shards + merge {sharded_s:.2f} s",
-              flush=True)
+    sizes = [int(x) for x in os.environ.get("BENCH_SIZES", "10000,50000,100000,1000000").split(",")]
+    bench_growth(model_dir, sizes)
     print(f"load average at end: {os.getloadavg()}")
 
 

@@ -18,7 +18,10 @@ MFU (training FLOPs of the real tokens, from the model's shape, over the fp32 ma
 this run; the same dataset-mean tokens per text for every side) and peak RSS (conan: the rank-0 training
 worker; ST: its process).
 
-    .venv/bin/python bench/bench_train.py [--steps 30] [--warmup 3] [--skip-finetune]
+With `--bf16`, pretraining also runs both sides in bf16 autocast on the CPU (conan: `cpu_bf16=true`; ST:
+`bf16=True`), their MFU against the bf16 matmul rate measured in this run.
+
+    .venv/bin/python bench/bench_train.py [--steps 30] [--warmup 3] [--skip-finetune] [--bf16]
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ MAX_LEN, BATCH = 64, 32
 
 # ---- one side per process --------------------------------------------------------------------------
 def run_conan(stage: str, data: list[Path], model: Path, out: Path, steps: int, workers: int,
-              batch_per_worker: int | None) -> dict[str, Any]:
+              batch_per_worker: int | None, bf16: bool = False) -> dict[str, Any]:
     """`conan train <stage>` as a user launches it; step times and RSS from its metrics.jsonl."""
     command = [str(Path(sys.executable).parent / "conan"), "train", stage, "--model", str(model), "--out", str(out),
                "--config", str(CONFIG), "--steps", str(steps), "--workers", str(workers)]
@@ -58,6 +61,8 @@ def run_conan(stage: str, data: list[Path], model: Path, out: Path, steps: int, 
     if batch_per_worker is not None:
         command += ["--batch-size", str(batch_per_worker)]
     command += ["--set", "checkpoint_every=1000"]  # a step, not a checkpoint, is timed (saves are not in it)
+    if bf16:
+        command += ["--set", "cpu_bf16=true"]
     started = time.perf_counter()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wall = time.perf_counter() - started
@@ -66,15 +71,16 @@ def run_conan(stage: str, data: list[Path], model: Path, out: Path, steps: int, 
             "rss_mb": max(r.get("rss_peak_mb", 0.0) for r in rows), "wall_s": wall}
 
 
-def run_st_child(kind: str, pairs_file: Path, model: Path, steps: int, batch: int) -> dict[str, Any]:
+def run_st_child(kind: str, pairs_file: Path, model: Path, steps: int, batch: int, bf16: bool = False
+                 ) -> dict[str, Any]:
     """A sentence-transformers side in its own process (its peak RSS is then its own)."""
     command = [sys.executable, __file__, "--child", kind, "--pairs-file", str(pairs_file), "--model", str(model),
-               "--steps", str(steps), "--batch", str(batch)]
+               "--steps", str(steps), "--batch", str(batch)] + (["--bf16"] if bf16 else [])
     done = subprocess.run(command, check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def st_child(kind: str, pairs_file: Path, model_dir: Path, steps: int, batch: int) -> None:
+def st_child(kind: str, pairs_file: Path, model_dir: Path, steps: int, batch: int, bf16: bool) -> None:
     """Train with SentenceTransformerTrainer for `steps`; print {step_times, rss_mb} as the last line."""
     from datasets import Dataset
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
@@ -96,7 +102,7 @@ def st_child(kind: str, pairs_file: Path, model_dir: Path, steps: int, batch: in
         args = SentenceTransformerTrainingArguments(
             output_dir=tmp, per_device_train_batch_size=batch, max_steps=steps, learning_rate=5e-5,
             warmup_steps=0.1, batch_sampler=BatchSamplers.NO_DUPLICATES, report_to="none", save_strategy="no",
-            use_cpu=True, dataloader_drop_last=True, seed=0, logging_steps=1000)
+            use_cpu=True, bf16=bf16, dataloader_drop_last=True, seed=0, logging_steps=1000)
         clock = step_clock()
         SentenceTransformerTrainer(model=model, args=args, loss=loss, callbacks=[clock],
                                    train_dataset=Dataset.from_dict(columns)).train()
@@ -144,17 +150,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--skip-finetune", action="store_true")
+    parser.add_argument("--bf16", action="store_true", help="also pretrain both sides in CPU bf16 autocast")
     parser.add_argument("--child", choices=["mnrl", "cached"], default=None, help=argparse.SUPPRESS)
     parser.add_argument("--pairs-file", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=BATCH, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        st_child(args.child, args.pairs_file, args.model, args.steps, args.batch)
+        st_child(args.child, args.pairs_file, args.model, args.steps, args.batch, args.bf16)
         return
     paths = prepare(load_config(str(CONFIG)), ROOT / "work" / "bench_quality")
-    peak = matmul_flops("cpu")
+    peak = matmul_flops("cpu", bf16=False)
     print(f"fp32 matmul peak here: {peak / 1e9:.0f} GFLOP/s; steps {args.steps} (first {args.warmup} not timed)")
+    if args.bf16:
+        args.bf16_peak = matmul_flops("cpu", bf16=True)
+        print(f"bf16 matmul peak here: {args.bf16_peak / 1e9:.0f} GFLOP/s")
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         work = Path(tmp)
         pretrain_rows(paths, work, args, peak)
@@ -178,12 +188,18 @@ def pretrain_rows(paths: dict[str, Path], work: Path, args: argparse.Namespace, 
         "conan train pretrain, 2 workers": (run_conan("pretrain", data, paths["init"], work / "c2", args.steps, 2,
                                                       BATCH // 2), BATCH),
     }
+    if args.bf16:
+        results["ST MNRL (batch 32), bf16"] = (
+            run_st_child("mnrl", pairs_file, paths["init"], args.steps, BATCH, bf16=True), BATCH)
+        results["conan train pretrain, 1 worker, cpu_bf16"] = (
+            run_conan("pretrain", data, paths["init"], work / "c1b", args.steps, 1, BATCH, bf16=True), BATCH)
     baseline = rate(results["ST MNRL (batch 32)"][0], BATCH, args.warmup)
     print(f"\n## Pretraining: pairs/s at max length 64 ({tokens:.1f} real tokens per text, dataset mean)\n")
     print("| side | throughput | vs ST MNRL | MFU | peak RSS |\n|---|---:|---:|---:|---:|")
     for name, (result, batch) in results.items():
         per_s = rate(result, batch, args.warmup)
-        print(line(name, per_s, baseline, "pairs", per_s * pair_flops / peak, result["rss_mb"]))
+        name_peak = args.bf16_peak if "bf16" in name else peak
+        print(line(name, per_s, baseline, "pairs", per_s * pair_flops / name_peak, result["rss_mb"]))
     for name, (result, _) in results.items():
         if "wall_s" in result:
             print(f"{name}: wall {result['wall_s']:.0f} s for {len(result['step_times'])} steps "

@@ -6,9 +6,10 @@ the step's achieved FLOP/s (forward + backward, real tokens only, counted from t
 divided by the fp32 matmul FLOP/s measured here in the same run.
 
     .venv/bin/python bench/bench_train_step.py [--steps 8] [--warmup 2] [--which short,long]
-        [--threads 2] [--model DIR] [--device cpu|cuda]
+        [--threads 2] [--model DIR] [--device cpu|cuda] [--bf16]
 
-On cuda both sides use bf16 autocast and MFU is against the bf16 matmul rate measured in the same run.
+On cuda, and on the CPU with --bf16 (ours: `cpu_bf16`; sentence-transformers: `bf16=True` with
+`use_cpu`), both sides use bf16 autocast and MFU is against the bf16 matmul rate measured in the same run.
 """
 
 from __future__ import annotations
@@ -42,9 +43,10 @@ def make_pairs(kind: str, n: int, vocab: list[str]) -> list[tuple[str, str]]:
              " ".join(rng.choices(vocab, k=rng.randint(low, high)))) for _ in range(n)]
 
 
-def matmul_flops(device: str, seconds: float = 3.0) -> float:
-    """Best matmul FLOP/s here: fp32 on CPU (current torch threads), bf16 on GPU; 2048^3 (CPU) / 8192^3."""
-    size, dtype = (2048, torch.float32) if device == "cpu" else (8192, torch.bfloat16)
+def matmul_flops(device: str, bf16: bool, seconds: float = 3.0) -> float:
+    """Best matmul FLOP/s here (current torch threads) in fp32 or bf16; 2048^3 (CPU) / 8192^3 (GPU)."""
+    size = 2048 if device == "cpu" else 8192
+    dtype = torch.bfloat16 if bf16 else torch.float32
     a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
     a @ b
     best, end = 0.0, time.perf_counter() + seconds
@@ -81,8 +83,8 @@ def timed_steps(run_step: Callable[[int], None], steps: int, warmup: int, device
     return times
 
 
-def bench_ours(pairs: list[tuple[str, str]], steps: int, warmup: int, model_dir: str, device: str
-               ) -> tuple[list[float], list[float]]:
+def bench_ours(pairs: list[tuple[str, str]], steps: int, warmup: int, model_dir: str, device: str,
+               bf16: bool) -> tuple[list[float], list[float]]:
     """Seconds per step and FLOPs per step of our training step (the Ray worker's `train_step`)."""
     from conan_core.io.dataset import write_dataset
     from conan_core.model import ConanEmbedder
@@ -100,7 +102,7 @@ def bench_ours(pairs: list[tuple[str, str]], steps: int, warmup: int, model_dir:
     model.train()
     config = PretrainConfig(batch_size=BATCH, max_length=MAX_LEN, lr=2e-5, steps=steps + warmup,
                             log_every=1000, checkpoint_every=1000)  # ST logs nothing either
-    encode = StepEncoder(model, TokenBank(model.tokenizer, MAX_LEN), torch.device(device), bf16=device == "cuda")
+    encode = StepEncoder(model, TokenBank(model.tokenizer, MAX_LEN), torch.device(device), bf16=bf16)
     task = PretrainWorkload(config, [data], encode.bank, encode)
     optimizer = make_optimizer(model, config)
     enc_cfg = model.encoder.config
@@ -120,7 +122,7 @@ def bench_ours(pairs: list[tuple[str, str]], steps: int, warmup: int, model_dir:
 
 
 def bench_sentence_transformers(pairs: list[tuple[str, str]], steps: int, warmup: int, model_dir: str,
-                                device: str) -> list[float]:
+                                device: str, bf16: bool) -> list[float]:
     from datasets import Dataset
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
     from sentence_transformers import SentenceTransformerTrainingArguments as Args
@@ -144,7 +146,7 @@ def bench_sentence_transformers(pairs: list[tuple[str, str]], steps: int, warmup
     timer = Timer()
     out = tempfile.mkdtemp(prefix="bench-st-")
     args = Args(output_dir=out, per_device_train_batch_size=BATCH, max_steps=steps + warmup, learning_rate=2e-5,
-                report_to="none", save_strategy="no", use_cpu=device == "cpu", bf16=device == "cuda",
+                report_to="none", save_strategy="no", use_cpu=device == "cpu", bf16=bf16,
                 dataloader_drop_last=True, seed=0,
                 logging_strategy="no")
     dataset = Dataset.from_dict({"anchor": [q for q, _ in pairs], "positive": [p for _, p in pairs]})
@@ -161,7 +163,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--model", default="all-MiniLM-L6-v2", help="model dir (default: the shipped one)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--bf16", action="store_true", help="CPU: bf16 autocast on both sides (always on cuda)")
     args = parser.parse_args()
+    bf16 = args.bf16 or args.device == "cuda"
     if args.threads:
         torch.set_num_threads(args.threads)
     from conan_core.model import ConanEmbedder, resolve_base
@@ -170,14 +174,14 @@ def main() -> None:
     vocab = [w for w in ConanEmbedder.load(model_dir).tokenizer.get_vocab()
              if w.isalpha() and w.isascii() and len(w) > 2]
     vocab.sort()
-    peak = matmul_flops(args.device)
-    kind = "fp32" if args.device == "cpu" else "bf16"
+    peak = matmul_flops(args.device, bf16)
+    kind = "bf16" if bf16 else "fp32"
     print(f"device {args.device}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
           f"{kind} matmul peak {peak / 1e9:.1f} GFLOP/s")
     for kind in args.which.split(","):
         pairs = make_pairs(kind, BATCH * (args.steps + args.warmup) * 2, vocab)
-        st_times = bench_sentence_transformers(pairs, args.steps, args.warmup, model_dir, args.device)
-        our_times, our_flops = bench_ours(pairs, args.steps, args.warmup, model_dir, args.device)
+        st_times = bench_sentence_transformers(pairs, args.steps, args.warmup, model_dir, args.device, bf16)
+        our_times, our_flops = bench_ours(pairs, args.steps, args.warmup, model_dir, args.device, bf16)
         st_rate = BATCH / statistics.median(st_times)
         our_rate = BATCH / statistics.median(our_times)
         achieved = statistics.median(f / t for f, t in zip(our_flops, our_times, strict=True))

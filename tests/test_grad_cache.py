@@ -310,3 +310,21 @@ def test_train_step_runs_grad_cache_when_the_knob_is_set(tmp_path: Path, stage: 
     assert cached_forwards > 2 * plain_forwards and cached_tokens == plain_tokens
     for name, grad in plain_grads.items():  # train_step leaves the step's clipped gradients in .grad
         torch.testing.assert_close(grads[name], grad, **TOL, msg=name)
+
+
+def test_cpu_bf16_knob_reaches_the_step_and_stays_close_to_fp32(tmp_path: Path):
+    """`cpu_bf16`: the step's encoder autocasts to bf16 on the CPU; step 1's loss moves a little, not much."""
+    data = write_pairs(tmp_path / "d", 16, "src")
+    losses = {}
+    for cpu_bf16 in (False, True):
+        config = PretrainConfig(batch_size=8, steps=2, lr=1e-3, cpu_bf16=cpu_bf16)
+        model = tiny_model(seed=0)
+        model.train()
+        encode = make_encoder(model, config, torch.device("cpu"))
+        assert encode.bf16 is cpu_bf16
+        task = PretrainWorkload(config, [data], encode.bank, encode)
+        torch.manual_seed(SEED)
+        losses[cpu_bf16] = train_step(1, config.steps, config, model, make_optimizer(model, config), task,
+                                      encode)["loss"]
+    assert math.isfinite(losses[True]) and losses[True] != losses[False]
+    assert losses[True] == pytest.approx(losses[False], rel=0.05)

@@ -125,8 +125,10 @@ def global_top(corpus_vectors: np.ndarray, query_vectors: np.ndarray, k: int) ->
 def test_run_mine_then_remine_with_cache(ray_running, data_dir: Path, model_dir: Path, tmp_path: Path) -> None:
     from conan_core.model import ConanEmbedder
 
-    # margin=None: compared below with a global index under the text guards only (the margin has its own test)
-    config = MiningConfig(top_k=30, shard_rows=60, margin=None, workers=2, cache_dir=str(tmp_path / "cache"))
+    # margin=None: compared below with a global index under the text guards only (the margin has its own test);
+    # bf16=False: compared with fp32 encodes to 1e-5 (bf16 has its own test)
+    config = MiningConfig(top_k=30, shard_rows=60, margin=None, workers=2, bf16=False,
+                          cache_dir=str(tmp_path / "cache"))
     manifest = run_mine(model_dir, data_dir, tmp_path / "cands", config)
     model = ConanEmbedder.load(model_dir)
     assert manifest["config"]["mined_by"]["fingerprint"] == model.fingerprint()
@@ -171,6 +173,28 @@ def test_run_mine_then_remine_with_cache(ray_running, data_dir: Path, model_dir:
         assert all(a == b or abs(sa - sb) < 1e-5 for a, b, sa, sb in zip(new.doc_ids, old.doc_ids, new.scores,
                                                                           old.scores, strict=True))
     assert all(again.queries[q] is not lists.queries[q] for q in some)
+
+
+@pytest.mark.slow
+def test_bf16_encoding_is_its_own_cache_and_close_to_fp32(ray_running, data_dir: Path, model_dir: Path,
+                                                           tmp_path: Path) -> None:
+    from conan_core.model import ConanEmbedder
+
+    base = MiningConfig(top_k=10, shard_rows=60, margin=None, workers=2, cache_dir=str(tmp_path / "cache"))
+    fp32 = run_mine(model_dir, data_dir, tmp_path / "fp32", base.model_copy(update={"bf16": False}))
+    bf16 = run_mine(model_dir, data_dir, tmp_path / "bf16", base.model_copy(update={"bf16": True}))
+    fingerprint = ConanEmbedder.load(model_dir).fingerprint()
+    assert fp32["config"]["mined_by"]["fingerprint"] == fingerprint
+    assert bf16["config"]["mined_by"]["fingerprint"] == fingerprint + "-bf16"
+    # Same shard cache dir, different entries: neither precision reads the other's vectors.
+    assert bf16["counts"]["shards_encoded"] == fp32["counts"]["shards_encoded"] == 4
+    assert len(list((tmp_path / "cache").glob("*-bf16.npy"))) == 4
+    a = CandidateLists.load(tmp_path / "fp32").queries
+    b = CandidateLists.load(tmp_path / "bf16").queries
+    assert a.keys() == b.keys()
+    # bf16 rounds each matmul's inputs to 8 bits of mantissa: scores move in the 2nd-3rd decimal, not more.
+    diffs = [abs(a[q].scores[0] - b[q].scores[0]) for q in a]
+    assert max(diffs) < 0.03 and any(d > 0 for d in diffs)
 
 
 def read_manifest_counts(path: Path) -> dict:

@@ -21,6 +21,7 @@ from conan_core.errors import ModelLoadError
 from conan_core.mining.config import MiningConfig
 from conan_core.mining.corpus import ShardRef, cache_path, default_cache_dir, load_cached, read_shard_texts, save_cached
 from conan_core.mining.index import build_index, configure_faiss, search
+from conan_core.precision import resolve_cpu_bf16
 
 
 class EmbeddingModel(Protocol):
@@ -64,7 +65,9 @@ class ShardWorker:
         self._config = config
         self._cache_dir = default_cache_dir(config.cache_dir)
         self._encoder = encoder_factory()
-        self._fingerprint = self._encoder.fingerprint()
+        self._bf16 = resolve_cpu_bf16(config.bf16)
+        # bf16 vectors are cached apart from fp32 ones: the precision is part of what made them.
+        self._fingerprint = self._encoder.fingerprint() + ("-bf16" if self._bf16 else "")
         self._shard_sha: str | None = None
         self._index: Any = None
 
@@ -75,7 +78,11 @@ class ShardWorker:
         return os.getpid()
 
     def encode(self, texts: list[str]) -> np.ndarray:
-        return self._encoder.encode(texts, batch_size=self._config.encode_batch_size, normalize=True)
+        import torch
+
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self._bf16):
+            vectors = self._encoder.encode(texts, batch_size=self._config.encode_batch_size, normalize=True)
+        return np.asarray(vectors, dtype=np.float32)
 
     def search(self, shard: ShardRef, queries: np.ndarray, k: int) -> dict[str, Any]:
         """This shard's top-k for every query: {"scores", "rows", "encoded", "seconds"}."""

@@ -63,6 +63,9 @@ class MiningConfig(BaseModel):
     ivf_nlist: int = Field(256, ge=1)
     ivf_nprobe: int = Field(16, ge=1)
     encode_batch_size: int = Field(64, ge=1)
+    bf16: bool | None = Field(
+        None, description="encode in bf16 autocast on the CPU (~3x faster where the CPU has AMX, embeddings at "
+                          "cosine ~0.99999 of fp32's); null = auto: on exactly where the CPU has AMX")
     query_batch_size: int = Field(2048, ge=1, description="queries per faiss search call")
     max_actor_retries: int = Field(3, ge=0, description="times a shard is re-queried after its actor died")
     cache_dir: str | None = Field(None, description="embedding cache; default <work dir>/mining_cache")

@@ -34,7 +34,11 @@ class TrainCommon(_Strict):
     warmup_ratio: float = Field(default=0.05, ge=0, lt=1)
     schedule: Literal["linear", "constant", "cosine"] = "linear"
     grad_clip: float | None = Field(default=1.0, gt=0, description="max grad norm; null turns clipping off")
-    bf16: bool = Field(default=True, description="bf16 autocast, only when training on GPU")
+    bf16: bool = Field(default=True, description="bf16 autocast when training on GPU")
+    cpu_bf16: bool = Field(
+        default=False, description="bf16 autocast when training on the CPU too (fp32 master weights and "
+                                   "optimizer): fast only on CPUs with AMX (conan_core.precision; speed in "
+                                   "docs/benchmarks.md); off by default: the quality results were measured in fp32")
     gradient_checkpointing: bool = False
     grad_cache_chunk: int | None = Field(
         default=None, gt=0,

@@ -158,9 +158,11 @@ def train_loop(loop_config: dict[str, TrainSpec]) -> None:
 
 
 def make_encoder(model: torch.nn.Module, config: TrainCommon, device: torch.device) -> StepEncoder:
-    """The step's encoder: the config's max length, bf16 on GPU only, gradient caching when configured."""
+    """The step's encoder: the config's max length, bf16 autocast on GPU (`bf16`) or on the CPU
+    (`cpu_bf16`), gradient caching when configured."""
+    bf16 = config.bf16 if device.type == "cuda" else config.cpu_bf16 and device.type == "cpu"
     return StepEncoder(model, TokenBank(model.tokenizer, config.max_length), device,
-                   bf16=config.bf16 and device.type == "cuda", grad_cache_chunk=config.grad_cache_chunk)
+                       bf16=bf16, grad_cache_chunk=config.grad_cache_chunk)
 
 
 def _build_workload(spec: TrainSpec, encode: StepEncoder, rank: int) -> Workload:
