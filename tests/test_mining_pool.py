@@ -228,6 +228,9 @@ def test_killed_actor_is_restarted_and_no_query_is_lost(ray_running, data_dir: P
         limit = row["positive_score"] * 0.95
         assert all(s < limit for s in row["scores"])
         query_vector = HashEncoder().encode([row["query"]])[0]
+        # The positive's score comes from its corpus vector (scored by the actor holding its shard).
+        assert row["positive_score"] == pytest.approx(float(HashEncoder().encode([row["positive"]])[0] @ query_vector),
+                                                      abs=1e-5)
         banned = {normalise_for_match(row["query"]), normalise_for_match(row["positive"])}
         eligible = sum(1 for score, norm in zip(corpus_vectors @ query_vector, norm_corpus, strict=True)
                        if score < limit and norm not in banned)
@@ -244,6 +247,24 @@ def test_killed_actor_is_restarted_and_no_query_is_lost(ray_running, data_dir: P
         assert pool.encoded_shards == 0
     np.testing.assert_array_equal(before[1], after[1])
     np.testing.assert_array_equal(before[0], after[0])
+
+
+@pytest.mark.slow
+def test_positives_outside_the_corpus_are_encoded_for_the_margin(ray_running, data_dir: Path, tmp_path: Path
+                                                                 ) -> None:
+    """With a separate --corpus (no positive in it), every positive score is still its cosine with the query."""
+    rng = random.Random(1)
+    other = write_records(tmp_path / "corpus", [
+        make_record(kind="sts", query=sentence(rng, 4), positive=sentence(rng, 8), score=0.5, source="t", lang="en")
+        for _ in range(80)])
+    config = MiningConfig(top_k=10, shard_rows=50, margin=0.95, workers=2, cache_dir=str(tmp_path / "cache"))
+    run_mine("unused", data_dir, tmp_path / "out", config, corpus_dir=other, encoder_factory=Factory(HashEncoder()))
+    rows = read_dataset(tmp_path / "out").select(["query", "positive", "scores", "positive_score"]).to_pylist()
+    assert len(rows) == 40
+    for row in rows:
+        query, positive = HashEncoder().encode([row["query"], row["positive"]])
+        assert row["positive_score"] == pytest.approx(float(query @ positive), abs=1e-5)
+        assert all(score < row["positive_score"] * 0.95 for score in row["scores"])
 
 
 def test_empty_query_set_is_a_clear_error(tmp_path: Path) -> None:

@@ -70,6 +70,7 @@ class ShardWorker:
         self._fingerprint = self._encoder.fingerprint() + ("-bf16" if self._bf16 else "")
         self._shard_sha: str | None = None
         self._index: Any = None
+        self._vectors: np.ndarray | None = None
 
     def fingerprint(self) -> str:
         return self._fingerprint
@@ -84,19 +85,25 @@ class ShardWorker:
             vectors = self._encoder.encode(texts, batch_size=self._config.encode_batch_size, normalize=True)
         return np.asarray(vectors, dtype=np.float32)
 
-    def search(self, shard: ShardRef, queries: np.ndarray, k: int) -> dict[str, Any]:
-        """This shard's top-k for every query: {"scores", "rows", "encoded", "seconds"}."""
+    def search(self, shard: ShardRef, queries: np.ndarray, k: int, pairs: np.ndarray | None = None
+               ) -> dict[str, Any]:
+        """This shard's top-k for every query: {"scores", "rows", "encoded", "seconds", "pair_scores"};
+        `pairs` [m, 2] (query row, row within this shard): the cosine of each pair, from the shard's vectors
+        (the positives' scores for the margin, without encoding the positives again)."""
         started = time.perf_counter()
         encoded = self._load(shard)
         scores, rows = search(self._index, queries, min(k, shard.rows), self._config.query_batch_size)
-        return {"scores": scores, "rows": rows, "encoded": encoded, "seconds": time.perf_counter() - started}
+        pair_scores = (np.einsum("ij,ij->i", queries[pairs[:, 0]], self._vectors[pairs[:, 1]])
+                       if pairs is not None and len(pairs) else np.zeros(0, dtype=np.float32))
+        return {"scores": scores, "rows": rows, "encoded": encoded, "seconds": time.perf_counter() - started,
+                "pair_scores": pair_scores}
 
     def _load(self, shard: ShardRef) -> bool:
         """Make `shard` the one held; True when it had to be encoded (not cached)."""
         if self._shard_sha == shard.sha256:
             return False
         # Drop the previous shard before touching the next: one shard's vectors per process.
-        self._index, self._shard_sha = None, None
+        self._index, self._vectors, self._shard_sha = None, None, None
         path = cache_path(self._cache_dir, shard.sha256, self._fingerprint)
         vectors = load_cached(path, shard.rows)
         encoded = vectors is None
@@ -104,7 +111,7 @@ class ShardWorker:
             vectors = self.encode(read_shard_texts(shard))
             save_cached(path, vectors)
         self._index = build_index(vectors, self._config.index, self._config.ivf_nlist, self._config.ivf_nprobe)
-        self._shard_sha = shard.sha256
+        self._vectors, self._shard_sha = vectors, shard.sha256
         return encoded
 
 

@@ -86,13 +86,28 @@ class MiningPool:
 
     def search(self, shards: list[ShardRef], queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Global top-k (scores, corpus indices) of every query over all shards."""
+        scores, indices, _ = self.search_scoring(shards, queries, k, np.zeros((0, 2), dtype=np.int64))
+        return scores, indices
+
+    def search_scoring(self, shards: list[ShardRef], queries: np.ndarray, k: int, pairs: np.ndarray
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`search`, and the cosine of each (query row, global corpus row) of `pairs` [m, 2], computed by the
+        actor that holds that row's shard (float32 [m])."""
         queries_ref = ray.put(np.ascontiguousarray(queries, dtype=np.float32))
-        calls = [(shard.index % self.size, lambda a, shard=shard: a.search.remote(shard, queries_ref, k))
-                 for shard in shards]
+        pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+        in_shard = [np.flatnonzero((pairs[:, 1] >= s.offset) & (pairs[:, 1] < s.offset + s.rows)) for s in shards]
+        calls = [(shard.index % self.size,
+                  lambda a, shard=shard, sel=sel: a.search.remote(
+                      shard, queries_ref, k, pairs[sel] - np.array([0, shard.offset]) if len(sel) else None))
+                 for shard, sel in zip(shards, in_shard, strict=True)]
         results = self._run(calls)
         self.encoded_shards += sum(bool(r["encoded"]) for r in results)
-        return merge_topk([r["scores"] for r in results], [r["rows"] for r in results],
-                          [s.offset for s in shards], k)
+        pair_scores = np.full(len(pairs), np.nan, dtype=np.float32)
+        for sel, result in zip(in_shard, results, strict=True):
+            pair_scores[sel] = result["pair_scores"]
+        scores, indices = merge_topk([r["scores"] for r in results], [r["rows"] for r in results],
+                                     [s.offset for s in shards], k)
+        return scores, indices, pair_scores
 
     def _run(self, calls: list[tuple[int, Callable[[Any], Any]]]) -> list[Any]:
         """Submit each (actor slot, call); a call whose actor died is sent again once the actor is back."""

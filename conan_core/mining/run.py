@@ -47,15 +47,27 @@ def mine(pool: MiningPool, shards: list[ShardRef], doc_ids: Sequence[str], doc_t
     k_fetch = config.top_k + max((len(e) for e in excluded.values()), default=0)
 
     query_vectors = pool.encode(unique_queries)
-    positive_scores = _positive_scores(pool, records, query_vectors, query_row) if config.margin else {}
     records_of: dict[str, list[str]] = {}
     for qid, rec in records.items():
         records_of.setdefault(rec.query, []).append(qid)
 
+    # The margin needs each positive's score. A positive that is a corpus document (the default corpus holds
+    # every positive) is scored by the actor holding its shard, from the shard's vectors; only the others are
+    # encoded here.
+    doc_row = {text: i for i, text in enumerate(doc_texts)} if config.margin else {}
+    in_corpus = {qid: doc_row[r.positive] for qid, r in records.items() if r.positive in doc_row}
+    pairs = np.array([(query_row[records[qid].query], row) for qid, row in in_corpus.items()],
+                     dtype=np.int64).reshape(-1, 2)
+    scores, indices, pair_scores = pool.search_scoring(shards, query_vectors, k_fetch, pairs)
+    positive_scores: dict[str, float] = {}
+    if config.margin:
+        elsewhere = {qid: r for qid, r in records.items() if qid not in in_corpus}
+        positive_scores = _positive_scores(pool, elsewhere, query_vectors, query_row) if elsewhere else {}
+        positive_scores.update({qid: float(s) for qid, s in zip(in_corpus, pair_scores, strict=True)})
+
     mined: dict[str, QueryCandidates] = {}
     pending = list(range(len(unique_queries)))
-    while pending:
-        scores, indices = pool.search(shards, query_vectors[pending], k_fetch)
+    while True:
         short = []
         for row, query_index in enumerate(pending):
             query = unique_queries[query_index]
@@ -70,12 +82,16 @@ def mine(pool: MiningPool, shards: list[ShardRef], doc_ids: Sequence[str], doc_t
                 if len(kept) < config.top_k and k_fetch < len(doc_ids):
                     short.append(query_index)
         pending = list(dict.fromkeys(short))
+        if not pending:
+            break
         k_fetch = min(2 * k_fetch, len(doc_ids))
+        scores, indices = pool.search(shards, query_vectors[pending], k_fetch)
     return dict(sorted(mined.items(), key=lambda item: order[item[0]]))
 
 
 def _positive_scores(pool: MiningPool, records: dict[str, QueryCandidates], query_vectors: np.ndarray,
                      query_row: dict[str, int]) -> dict[str, float]:
+    """Scores of positives that are not corpus documents: encoded here."""
     positives = list(dict.fromkeys(r.positive for r in records.values()))
     positive_vectors = pool.encode(positives)
     positive_row = {p: i for i, p in enumerate(positives)}
