@@ -81,3 +81,19 @@ def test_train_spec_is_typed_and_checks_its_stage(tmp_path: Path):
         TrainSpec(stage="pretrain", config=PretrainConfig(), candidates_dir=tmp_path, **paths)
     with pytest.raises(ValidationError):
         TrainSpec(stage="finetune", config=finetune, extra_key=1, **paths)
+
+
+def test_default_workers_one_per_gpu_else_one_per_node(monkeypatch) -> None:
+    import ray
+
+    from conan_core.train.trainer import default_workers
+
+    node = {"Alive": True, "Resources": {"CPU": 2.0}}
+    monkeypatch.setattr(ray, "nodes", lambda: [node, node, {"Alive": False, "Resources": {"CPU": 2.0}}])
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
+    assert default_workers(PretrainConfig()) == 2  # two live CPU nodes: one worker each, all its threads
+    monkeypatch.setattr(ray, "nodes", lambda: [node])
+    assert default_workers(PretrainConfig()) == 1  # this machine: one 2-thread worker, not two 1-thread ones
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 64.0, "GPU": 8.0})
+    assert default_workers(PretrainConfig()) == 8
+    assert default_workers(FinetuneConfig()) == 3  # at most the layout's logical ranks

@@ -154,11 +154,14 @@ def _exception_line(err: BaseException) -> str:
 
 
 def default_workers(config: TrainCommon) -> int:
-    """What the cluster offers: one worker per GPU, else per CPU; finetuning at most the layout's ranks."""
+    """What the cluster offers: one worker per GPU; without GPUs one per node, each with all its node's
+    threads (one 2-thread worker trains 1.14x faster than two 1-thread workers on the 2-core machine:
+    docs/benchmarks.md, "Training as users run it"); finetuning at most the layout's ranks."""
     import ray
 
-    resources = ray.cluster_resources()
-    offered = int(resources.get("GPU", 0)) or int(resources.get("CPU", 1))
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive") and node.get("Resources", {}).get("CPU", 0) >= 1)
+    offered = gpus or nodes
     if isinstance(config, FinetuneConfig):
         offered = min(offered, config.layout.logical_ranks)
     return max(1, offered)
@@ -181,7 +184,9 @@ def _run(spec: TrainSpec, workers: int | None, ray_address: str | None,
             assign_roles(config.layout, count)  # the layout's one check (LayoutError), here before Ray starts
         trainer = TorchTrainer(
             train_loop, train_loop_config={"spec": spec},  # the typed spec, pickled by Ray as it is
-            scaling_config=ScalingConfig(num_workers=count, use_gpu=use_gpu),
+            # CPU workers: spread over the nodes (the default count is one per node; PACK would stack them)
+            scaling_config=ScalingConfig(num_workers=count, use_gpu=use_gpu,
+                                         placement_strategy="PACK" if use_gpu else "SPREAD"),
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             run_config=RunConfig(
                 name=spec.stage, storage_path=storage_path or str(out / "checkpoints"),
