@@ -21,7 +21,7 @@ ModelOpt = Annotated[str, typer.Option(help="Model dir to start from, or 'all-Mi
 OutOpt = Annotated[Path, typer.Option(help="Output dir: model/, metrics.jsonl, loss.png, tensorboard/, "
                                            "checkpoints/ (rerunning with the same dir resumes from the last "
                                            "checkpoint; the first line says from which step).")]
-WorkersOpt = Annotated[int | None, typer.Option(help="Ray Train workers (default: what the cluster offers).")]
+WorkersOpt = Annotated[int | None, typer.Option(help="Ray Train workers (default: one per GPU, else one per node).")]
 StepsOpt = Annotated[int | None, typer.Option(help="Total optimizer steps (wins over --epochs).")]
 EpochsOpt = Annotated[float | None, typer.Option(help="Passes over the data.")]
 LrOpt = Annotated[float | None, typer.Option(help="Peak learning rate.")]

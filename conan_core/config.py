@@ -64,7 +64,8 @@ class PipelineConfig(_Strict):
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
-    workers: int | None = Field(default=None, gt=0, description="Ray Train workers; default: what Ray offers")
+    workers: int | None = Field(default=None, gt=0,
+                                description="Ray Train workers; default: one per GPU, else one per node")
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

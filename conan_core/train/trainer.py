@@ -1,8 +1,8 @@
 """Launch a training stage on Ray Train (`TorchTrainer`) and collect its outputs.
 
 Ray is local by default (started in `<work dir>/ray`, stopped again from the same thread), or joined at
-`ray_address` / `RAY_ADDRESS`. Workers: `workers`, else what the cluster offers (GPUs when there are any,
-else CPUs; finetuning is capped at the CBB layout's rank count). gloo on CPU, NCCL with `use_gpu` on GPU.
+`ray_address` / `RAY_ADDRESS`. Workers: `workers`, else one per GPU when there are any, else one per node
+with all its threads (finetuning is capped at the CBB layout's rank count). gloo on CPU, NCCL with `use_gpu` on GPU.
 Checkpoints go to `storage_path` (a local path or any pyarrow/fsspec URI; default `<out>/checkpoints`)
 under the run name `pretrain` / `finetune`: rerunning with the same out dir resumes from the last
 checkpoint (Ray Train V2 semantics), and `FailureConfig(max_failures)` restarts crashed workers from it.
