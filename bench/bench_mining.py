@@ -136,22 +136,20 @@ def bench_step(model_dir: Path, data_dir: Path, candidates_dir: Path, steps: int
     (what `conan train finetune` runs on one node), fwd + bwd + AdamW. The first step is not timed."""
     import torch
 
-    from conan_core.mining.candidates import CandidateLists
-    from conan_core.mining.config import DHNMConfig
-    from conan_core.mining.dhnm import DynamicNegatives
+    from conan_core.mining.config import MiningConfig
     from conan_core.model import ConanEmbedder
     from conan_core.train.config import FinetuneConfig
-    from conan_core.train.loop import make_encoder, make_optimizer, train_step
-    from conan_core.train.workload import FinetuneWorkload
+    from conan_core.train.loop import build_workload, make_encoder, make_optimizer, train_step
+    from conan_core.train.spec import TrainSpec
 
     config = FinetuneConfig(log_every=1)
+    spec = TrainSpec(stage="finetune", config=config, data_dirs=[data_dir], model_path=model_dir,
+                     out_dir=BENCH_DIR / "step", candidates_dir=candidates_dir, mining=MiningConfig())
     model = ConanEmbedder.load(model_dir)
     model.train()
     optimizer = make_optimizer(model, config)
     encode = make_encoder(model, config, torch.device("cpu"))
-    n_total = config.layout.retrieval_group * config.negatives_per_rank
-    dyn = DynamicNegatives(CandidateLists.load(candidates_dir), n_total, DHNMConfig())
-    workload = FinetuneWorkload(config, [data_dir], encode.bank, encode, dyn=dyn)
+    workload = build_workload(spec, encode, rank=0)
     total = workload.steps_per_epoch()
     times = [train_step(step, total, config, model, optimizer, workload, encode)["step_seconds"]
              for step in range(1, steps + 2)]

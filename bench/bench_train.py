@@ -162,17 +162,19 @@ def main() -> None:
     paths = prepare(load_config(str(CONFIG)), ROOT / "work" / "bench_quality")
     peak = matmul_flops("cpu", bf16=False)
     print(f"fp32 matmul peak here: {peak / 1e9:.0f} GFLOP/s; steps {args.steps} (first {args.warmup} not timed)")
-    if args.bf16:
-        args.bf16_peak = matmul_flops("cpu", bf16=True)
-        print(f"bf16 matmul peak here: {args.bf16_peak / 1e9:.0f} GFLOP/s")
+    bf16_peak = matmul_flops("cpu", bf16=True) if args.bf16 else None
+    if bf16_peak is not None:
+        print(f"bf16 matmul peak here: {bf16_peak / 1e9:.0f} GFLOP/s")
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         work = Path(tmp)
-        pretrain_rows(paths, work, args, peak)
+        pretrain_rows(paths, work, args, peak, bf16_peak)
         if not args.skip_finetune:
             finetune_rows(paths, work, args, peak)
 
 
-def pretrain_rows(paths: dict[str, Path], work: Path, args: argparse.Namespace, peak: float) -> None:
+def pretrain_rows(paths: dict[str, Path], work: Path, args: argparse.Namespace, peak: float,
+                  bf16_peak: float | None) -> None:
+    """Each side's (result, batch, the matmul peak its MFU is against: bf16 rows against the bf16 one)."""
     anchors, positives = training_pairs([paths["pretrain"], paths["llm"]], sts_min_score=4.0)
     pairs_file = work / "pairs.json"
     pairs_file.write_text(json.dumps({"anchor": anchors, "positive": positives}, ensure_ascii=False))
@@ -180,27 +182,27 @@ def pretrain_rows(paths: dict[str, Path], work: Path, args: argparse.Namespace, 
     pair_flops = 2 * flops_per_text(tokens)
     data = [paths["pretrain"], paths["llm"]]
     results = {
-        "ST MNRL (batch 32)": (run_st_child("mnrl", pairs_file, paths["init"], args.steps, BATCH), BATCH),
+        "ST MNRL (batch 32)": (run_st_child("mnrl", pairs_file, paths["init"], args.steps, BATCH), BATCH, peak),
         "ST CachedMNRL (batch 128)": (run_st_child("cached", pairs_file, paths["init"], max(6, args.steps // 3),
-                                                   4 * BATCH), 4 * BATCH),
+                                                   4 * BATCH), 4 * BATCH, peak),
         "conan train pretrain, 1 worker": (run_conan("pretrain", data, paths["init"], work / "c1", args.steps, 1,
-                                                     BATCH), BATCH),
+                                                     BATCH), BATCH, peak),
         "conan train pretrain, 2 workers": (run_conan("pretrain", data, paths["init"], work / "c2", args.steps, 2,
-                                                      BATCH // 2), BATCH),
+                                                      BATCH // 2), BATCH, peak),
     }
-    if args.bf16:
+    if bf16_peak is not None:
         results["ST MNRL (batch 32), bf16"] = (
-            run_st_child("mnrl", pairs_file, paths["init"], args.steps, BATCH, bf16=True), BATCH)
+            run_st_child("mnrl", pairs_file, paths["init"], args.steps, BATCH, bf16=True), BATCH, bf16_peak)
         results["conan train pretrain, 1 worker, cpu_bf16"] = (
-            run_conan("pretrain", data, paths["init"], work / "c1b", args.steps, 1, BATCH, bf16=True), BATCH)
+            run_conan("pretrain", data, paths["init"], work / "c1b", args.steps, 1, BATCH, bf16=True), BATCH,
+            bf16_peak)
     baseline = rate(results["ST MNRL (batch 32)"][0], BATCH, args.warmup)
     print(f"\n## Pretraining: pairs/s at max length 64 ({tokens:.1f} real tokens per text, dataset mean)\n")
     print("| side | throughput | vs ST MNRL | MFU | peak RSS |\n|---|---:|---:|---:|---:|")
-    for name, (result, batch) in results.items():
+    for name, (result, batch, row_peak) in results.items():
         per_s = rate(result, batch, args.warmup)
-        name_peak = args.bf16_peak if "bf16" in name else peak
-        print(line(name, per_s, baseline, "pairs", per_s * pair_flops / name_peak, result["rss_mb"]))
-    for name, (result, _) in results.items():
+        print(line(name, per_s, baseline, "pairs", per_s * pair_flops / row_peak, result["rss_mb"]))
+    for name, (result, _, _) in results.items():
         if "wall_s" in result:
             print(f"{name}: wall {result['wall_s']:.0f} s for {len(result['step_times'])} steps "
                   f"(Ray start-up, data loading and the model save included)")

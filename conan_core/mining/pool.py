@@ -96,10 +96,11 @@ class MiningPool:
         queries_ref = ray.put(np.ascontiguousarray(queries, dtype=np.float32))
         pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
         in_shard = [np.flatnonzero((pairs[:, 1] >= s.offset) & (pairs[:, 1] < s.offset + s.rows)) for s in shards]
-        calls = [(shard.index % self.size,
-                  lambda a, shard=shard, sel=sel: a.search.remote(
-                      shard, queries_ref, k, pairs[sel] - np.array([0, shard.offset]) if len(sel) else None))
-                 for shard, sel in zip(shards, in_shard, strict=True)]
+        # (query row, row within the shard) for the actor; None where the shard holds no pair's document
+        local = [pairs[sel] - np.array([0, s.offset]) if len(sel) else None
+                 for s, sel in zip(shards, in_shard, strict=True)]
+        calls = [(shard.index % self.size, lambda a, shard=shard, own=own: a.search.remote(shard, queries_ref, k, own))
+                 for shard, own in zip(shards, local, strict=True)]
         results = self._run(calls)
         self.encoded_shards += sum(bool(r["encoded"]) for r in results)
         pair_scores = np.full(len(pairs), np.nan, dtype=np.float32)

@@ -129,7 +129,7 @@ def train_loop(loop_config: dict[str, TrainSpec]) -> None:
     model.train()
     optimizer = make_optimizer(model, config)
     encode = make_encoder(model, config, device)
-    workload = _build_workload(spec, encode, world.rank)
+    workload = build_workload(spec, encode, world.rank)
     total = total_steps(config, workload.steps_per_epoch())
     workload.last_step = total
     start, restored_from = _restore(model, optimizer, workload, out_dir, world.rank)
@@ -160,12 +160,13 @@ def train_loop(loop_config: dict[str, TrainSpec]) -> None:
 def make_encoder(model: torch.nn.Module, config: TrainCommon, device: torch.device) -> StepEncoder:
     """The step's encoder: the config's max length, bf16 autocast on GPU (`bf16`) or on the CPU
     (`cpu_bf16`), gradient caching when configured."""
-    bf16 = config.bf16 if device.type == "cuda" else config.cpu_bf16 and device.type == "cpu"
+    bf16 = {"cuda": config.bf16, "cpu": config.cpu_bf16}.get(device.type, False)
     return StepEncoder(model, TokenBank(model.tokenizer, config.max_length), device,
                        bf16=bf16, grad_cache_chunk=config.grad_cache_chunk)
 
 
-def _build_workload(spec: TrainSpec, encode: StepEncoder, rank: int) -> Workload:
+def build_workload(spec: TrainSpec, encode: StepEncoder, rank: int) -> Workload:
+    """The stage's workload for this rank: its data, and for finetuning DHNM and the between-epoch re-mine."""
     if spec.stage == "pretrain":
         return PretrainWorkload(spec.config, spec.data_dirs, encode.bank, encode)
     dyn = _dynamic_negatives(spec, rank)

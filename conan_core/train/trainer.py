@@ -159,9 +159,8 @@ def default_workers(config: TrainCommon) -> int:
     docs/benchmarks.md, "Training as users run it"); finetuning at most the layout's ranks."""
     import ray
 
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    nodes = sum(1 for node in ray.nodes() if node.get("Alive") and node.get("Resources", {}).get("CPU", 0) >= 1)
-    offered = gpus or nodes
+    offered = int(ray.cluster_resources().get("GPU", 0)) or sum(
+        1 for node in ray.nodes() if node.get("Alive") and node.get("Resources", {}).get("CPU", 0) >= 1)
     if isinstance(config, FinetuneConfig):
         offered = min(offered, config.layout.logical_ranks)
     return max(1, offered)
