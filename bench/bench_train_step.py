@@ -84,7 +84,7 @@ def timed_steps(run_step: Callable[[int], None], steps: int, warmup: int, device
 
 
 def bench_ours(pairs: list[tuple[str, str]], steps: int, warmup: int, model_dir: str, device: str,
-               bf16: bool) -> tuple[list[float], list[float]]:
+               bf16: bool, attention_dropout: float | None) -> tuple[list[float], list[float]]:
     """Seconds per step and FLOPs per step of our training step (the Ray worker's `train_step`)."""
     from conan_core.io.dataset import write_dataset
     from conan_core.model import ConanEmbedder
@@ -98,10 +98,12 @@ def bench_ours(pairs: list[tuple[str, str]], steps: int, warmup: int, model_dir:
     data = Path(tempfile.mkdtemp(prefix="bench-data-"))
     records = [make_record(kind="pair", query=q, positive=p, source="bench", lang="en") for q, p in pairs]
     write_dataset(data, records_table(records), None, config={}, inputs=[], counts={})
-    model = ConanEmbedder.load(model_dir).float().to(device)
-    model.train()
     config = PretrainConfig(batch_size=BATCH, max_length=MAX_LEN, lr=2e-5, steps=steps + warmup,
-                            log_every=1000, checkpoint_every=1000)  # ST logs nothing either
+                            log_every=1000, checkpoint_every=1000,  # ST logs nothing either
+                            attention_dropout=attention_dropout)
+    model = ConanEmbedder.load(model_dir).float().to(device)
+    model.set_dropout(config.hidden_dropout, config.attention_dropout)  # as train_loop does
+    model.train()
     encode = StepEncoder(model, TokenBank(model.tokenizer, MAX_LEN), torch.device(device), bf16=bf16)
     task = PretrainWorkload(config, [data], encode.bank, encode)
     optimizer = make_optimizer(model, config)
@@ -122,7 +124,7 @@ def bench_ours(pairs: list[tuple[str, str]], steps: int, warmup: int, model_dir:
 
 
 def bench_sentence_transformers(pairs: list[tuple[str, str]], steps: int, warmup: int, model_dir: str,
-                                device: str, bf16: bool) -> list[float]:
+                                device: str, bf16: bool, attention_dropout: float | None) -> list[float]:
     from datasets import Dataset
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
     from sentence_transformers import SentenceTransformerTrainingArguments as Args
@@ -141,7 +143,10 @@ def bench_sentence_transformers(pairs: list[tuple[str, str]], steps: int, warmup
                 torch.cuda.synchronize()
             self.times.append(time.perf_counter() - self.start)
 
+    from conan_core.model import set_encoder_dropout
+
     model = SentenceTransformer(model_dir, device=device).float()
+    set_encoder_dropout(model[0].auto_model, attention=attention_dropout)  # the same math on both sides
     model.max_seq_length = MAX_LEN
     timer = Timer()
     out = tempfile.mkdtemp(prefix="bench-st-")
@@ -164,6 +169,8 @@ def main() -> None:
     parser.add_argument("--model", default="all-MiniLM-L6-v2", help="model dir (default: the shipped one)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--bf16", action="store_true", help="CPU: bf16 autocast on both sides (always on cuda)")
+    parser.add_argument("--attention-dropout", type=float, default=None,
+                        help="attention dropout on both sides (default: the model's, 0.1); 0 runs SDPA fused")
     args = parser.parse_args()
     bf16 = args.bf16 or args.device == "cuda"
     if args.threads:
@@ -180,8 +187,10 @@ def main() -> None:
           f"{kind} matmul peak {peak / 1e9:.1f} GFLOP/s")
     for kind in args.which.split(","):
         pairs = make_pairs(kind, BATCH * (args.steps + args.warmup) * 2, vocab)
-        st_times = bench_sentence_transformers(pairs, args.steps, args.warmup, model_dir, args.device, bf16)
-        our_times, our_flops = bench_ours(pairs, args.steps, args.warmup, model_dir, args.device, bf16)
+        st_times = bench_sentence_transformers(pairs, args.steps, args.warmup, model_dir, args.device, bf16,
+                                               args.attention_dropout)
+        our_times, our_flops = bench_ours(pairs, args.steps, args.warmup, model_dir, args.device, bf16,
+                                          args.attention_dropout)
         st_rate = BATCH / statistics.median(st_times)
         our_rate = BATCH / statistics.median(our_times)
         achieved = statistics.median(f / t for f, t in zip(our_flops, our_times, strict=True))

@@ -141,6 +141,10 @@ class ConanEmbedder(nn.Module):
             if not 0 < dim <= self.dim:
                 raise ModelLoadError(f"Matryoshka dim {dim} is outside 1..{self.dim}")
 
+    def set_dropout(self, hidden: float | None = None, attention: float | None = None) -> None:
+        """Set the encoder's dropout rates for training (`set_encoder_dropout`)."""
+        set_encoder_dropout(self.encoder, hidden, attention)
+
     # ---- forward ------------------------------------------------------------------------------
     @property
     def dim(self) -> int:
@@ -254,6 +258,27 @@ class ConanEmbedder(nn.Module):
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         return digest.hexdigest()[:16]
+
+
+def set_encoder_dropout(encoder: nn.Module, hidden: float | None = None, attention: float | None = None) -> None:
+    """Set a Hugging Face encoder's dropout rates (None keeps the encoder's own rate).
+
+    These encoders keep the attention-probability dropout as a `Dropout` child of their attention class
+    (BERT: `BertSelfAttention.dropout`, whose `p` goes to the attention kernel); every other `Dropout` acts
+    on hidden states. config.json keeps the encoder's own rates: they are a training choice, not part of the
+    model."""
+    found = {"hidden": 0, "attention": 0}
+    for module in encoder.modules():
+        role = "attention" if "Attention" in type(module).__name__ else "hidden"
+        for child in module.children():
+            if isinstance(child, nn.Dropout):
+                found[role] += 1
+                rate = attention if role == "attention" else hidden
+                if rate is not None:
+                    child.p = rate
+    for role, rate in (("hidden", hidden), ("attention", attention)):
+        if rate is not None and not found[role]:
+            raise ModelLoadError(f"{type(encoder).__name__} has no {role} Dropout module to set")
 
 
 def pool(hidden: Tensor, attention_mask: Tensor, mode: Literal["mean", "cls"]) -> Tensor:

@@ -156,3 +156,26 @@ def test_shipped_minilm_vocabulary_extension_and_export(tmp_path):
     assert np.abs(st_vectors - ours).max() < 1e-5
     # The English geometry survives the expansion layer and the new rows.
     assert ours[-1] @ ours[-2] > 0.7
+
+
+def test_set_dropout_sets_attention_and_hidden_rates_apart_and_the_kernel_reads_them():
+    """`hidden_dropout` / `attention_dropout` (training knobs): each rate lands on its own Dropout modules,
+    the attention kernel applies the attention rate, and config.json keeps the encoder's own rates."""
+    from conan_core.model import set_encoder_dropout
+
+    model = tiny_model(dropout=0.1)
+    model.set_dropout(hidden=0.0, attention=0.3)
+    layer = model.encoder.encoder.layer[0]
+    assert layer.attention.self.dropout.p == 0.3
+    assert layer.attention.output.dropout.p == layer.output.dropout.p == model.encoder.embeddings.dropout.p == 0.0
+    assert model.encoder.config.attention_probs_dropout_prob == 0.1  # saved as the model had it
+
+    features = model.tokenize(TEXTS)
+    model.train()
+    assert not torch.equal(model(features), model(features))  # only attention dropout is left: it acts
+    model.set_dropout(attention=0.0)
+    assert layer.output.dropout.p == 0.0  # None keeps what was set
+    torch.testing.assert_close(model(features), model(features))  # no dropout left: deterministic
+
+    with pytest.raises(ModelLoadError, match="no attention Dropout"):
+        set_encoder_dropout(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.1)), attention=0.0)

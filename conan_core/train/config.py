@@ -39,6 +39,13 @@ class TrainCommon(_Strict):
         default=False, description="bf16 autocast when training on the CPU too (fp32 master weights and "
                                    "optimizer): fast only on CPUs with AMX (conan_core.precision; speed in "
                                    "docs/benchmarks.md); off by default: the quality results were measured in fp32")
+    hidden_dropout: float | None = Field(
+        default=None, ge=0, lt=1, description="dropout on the encoder's hidden states while training; "
+                                              "null: the model's own (0.1 for MiniLM)")
+    attention_dropout: float | None = Field(
+        default=None, ge=0, lt=1, description="dropout on the attention probabilities while training; null: "
+                                              "the model's own (0.1 for MiniLM); 0 lets attention run fused "
+                                              "(SDPA's flash kernel on the CPU too), see docs/benchmarks.md")
     gradient_checkpointing: bool = False
     grad_cache_chunk: int | None = Field(
         default=None, gt=0,

@@ -124,6 +124,7 @@ def train_loop(loop_config: dict[str, TrainSpec]) -> None:
     torch.manual_seed(config.seed + world.rank)
 
     model = ConanEmbedder.load(spec.model_path).to(device)
+    model.set_dropout(config.hidden_dropout, config.attention_dropout)
     if config.gradient_checkpointing:
         model.encoder.gradient_checkpointing_enable()
     model.train()
