@@ -87,7 +87,7 @@ def bench_ours(pairs: list[tuple[str, str]], steps: int, warmup: int, model_dir:
                bf16: bool, attention_dropout: float | None) -> tuple[list[float], list[float]]:
     """Seconds per step and FLOPs per step of our training step (the Ray worker's `train_step`)."""
     from conan_core.io.dataset import write_dataset
-    from conan_core.model import ConanEmbedder
+    from conan_core.model import ConanEmbedder, set_encoder_dropout
     from conan_core.schema import make_record, records_table
     from conan_core.train.config import PretrainConfig
     from conan_core.train.data import TokenBank
@@ -102,7 +102,7 @@ def bench_ours(pairs: list[tuple[str, str]], steps: int, warmup: int, model_dir:
                             log_every=1000, checkpoint_every=1000,  # ST logs nothing either
                             attention_dropout=attention_dropout)
     model = ConanEmbedder.load(model_dir).float().to(device)
-    model.set_dropout(config.hidden_dropout, config.attention_dropout)  # as train_loop does
+    set_encoder_dropout(model.encoder, config.hidden_dropout, config.attention_dropout)  # as train_loop does
     model.train()
     encode = StepEncoder(model, TokenBank(model.tokenizer, MAX_LEN), torch.device(device), bf16=bf16)
     task = PretrainWorkload(config, [data], encode.bank, encode)

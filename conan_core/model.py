@@ -141,10 +141,6 @@ class ConanEmbedder(nn.Module):
             if not 0 < dim <= self.dim:
                 raise ModelLoadError(f"Matryoshka dim {dim} is outside 1..{self.dim}")
 
-    def set_dropout(self, hidden: float | None = None, attention: float | None = None) -> None:
-        """Set the encoder's dropout rates for training (`set_encoder_dropout`)."""
-        set_encoder_dropout(self.encoder, hidden, attention)
-
     # ---- forward ------------------------------------------------------------------------------
     @property
     def dim(self) -> int:

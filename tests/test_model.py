@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conan_core.errors import ModelLoadError
-from conan_core.model import ConanEmbedder, pool
+from conan_core.model import ConanEmbedder, pool, set_encoder_dropout
 from conan_core.paths import shared_data_dir
 from conan_core.testing import tiny_model
 from conan_core.vocab import extend_vocabulary, iter_texts, unk_rate
@@ -161,10 +161,8 @@ def test_shipped_minilm_vocabulary_extension_and_export(tmp_path):
 def test_set_dropout_sets_attention_and_hidden_rates_apart_and_the_kernel_reads_them():
     """`hidden_dropout` / `attention_dropout` (training knobs): each rate lands on its own Dropout modules,
     the attention kernel applies the attention rate, and config.json keeps the encoder's own rates."""
-    from conan_core.model import set_encoder_dropout
-
     model = tiny_model(dropout=0.1)
-    model.set_dropout(hidden=0.0, attention=0.3)
+    set_encoder_dropout(model.encoder, hidden=0.0, attention=0.3)
     layer = model.encoder.encoder.layer[0]
     assert layer.attention.self.dropout.p == 0.3
     assert layer.attention.output.dropout.p == layer.output.dropout.p == model.encoder.embeddings.dropout.p == 0.0
@@ -173,7 +171,7 @@ def test_set_dropout_sets_attention_and_hidden_rates_apart_and_the_kernel_reads_
     features = model.tokenize(TEXTS)
     model.train()
     assert not torch.equal(model(features), model(features))  # only attention dropout is left: it acts
-    model.set_dropout(attention=0.0)
+    set_encoder_dropout(model.encoder, attention=0.0)
     assert layer.output.dropout.p == 0.0  # None keeps what was set
     torch.testing.assert_close(model(features), model(features))  # no dropout left: deterministic
 

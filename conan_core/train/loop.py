@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from conan_core.distributed import world_info
-from conan_core.model import ConanEmbedder
+from conan_core.model import ConanEmbedder, set_encoder_dropout
 from conan_core.paths import offline_env
 from conan_core.train.checkpoint import (
     CheckpointSchedule,
@@ -124,7 +124,7 @@ def train_loop(loop_config: dict[str, TrainSpec]) -> None:
     torch.manual_seed(config.seed + world.rank)
 
     model = ConanEmbedder.load(spec.model_path).to(device)
-    model.set_dropout(config.hidden_dropout, config.attention_dropout)
+    set_encoder_dropout(model.encoder, config.hidden_dropout, config.attention_dropout)
     if config.gradient_checkpointing:
         model.encoder.gradient_checkpointing_enable()
     model.train()
